@@ -1,0 +1,3 @@
+from ifcvf.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,14 @@
+"""Shared pytest set-up: hypothesis profiles.
+
+CI sets HYPOTHESIS_PROFILE=ci: derandomized (same examples every run), no
+example database, no deadline (simulation steps vary in wall time).
+"""
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
