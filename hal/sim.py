@@ -1,0 +1,150 @@
+"""The HAL contract bound to a simulated IFCVF function (``sim.ifcvf``).
+
+Time: an MMIO read is non-posted, so it advances the world by the device's
+read latency before sampling the register; writes are posted and cost the
+CPU nothing here (the device applies their delayed effects itself).  Sleeping
+and polling advance the world.  None of this may happen inside a simpy
+process: the world raises if the control plane blocks from there.
+
+MSI-X is programmed the way the host kernel does it for VFIO: through the
+MSI-X capability and table, then each vector is routed to its eventfd.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from hal.api import Clock, HalError, HostBuffer, MmioRegion, PciFunction
+
+PCI_CAP_ID_MSIX = 0x11
+MSIX_ENABLE = 0x8000
+MSIX_FUNCTION_MASK = 0x4000
+MSI_ADDRESS = 0xFEE0_0000  # x86 local APIC window: any value works for the model
+
+
+class SimClock(Clock):
+    """Nanoseconds of simulated time; sleeping advances the whole world."""
+
+    def __init__(self, world):
+        self.world = world
+
+    def now_ns(self) -> int:
+        return self.world.now_ns()
+
+    def sleep(self, ns: int) -> None:
+        self.world.advance_ns(max(ns, 1))
+
+
+class SimRegion(MmioRegion):
+    def __init__(self, function: "SimFunction", bar: int, size: int):
+        super().__init__(bar, size)
+        self._fn = function
+
+    def _read(self, offset: int, width: int) -> int:
+        model = self._fn.model
+        self._fn.world.advance(self._fn.read_cycles)
+        return model.mmio_read(self.bar, offset, width)
+
+    def _write(self, offset: int, width: int, value: int) -> None:
+        self._fn.model.mmio_write(self.bar, offset, width, value)
+
+
+class SimFunction(PciFunction):
+    """A ``sim.ifcvf.IfcvfFunction`` seen through the HAL."""
+
+    def __init__(self, model, index: int = 0):
+        self.model = model
+        self.world = model.world
+        self.address = f"sim:{index}"
+        self.clock = SimClock(self.world)
+        self.read_cycles = self.world.cycles(model.config.mmio_read_ns)
+        self._regions: dict[int, SimRegion] = {}
+        for bar in range(6):
+            size = model.bar_size(bar)
+            if size:
+                self._regions[bar] = SimRegion(self, bar, size)
+        self._mappings: dict[int, int] = {}
+        self._msix = self._find_msix()
+        self.closed = False
+
+    # --- config space -------------------------------------------------------
+    def config_read(self, offset: int, size: int) -> int:
+        self._check_config(offset, size)
+        return self.model.config_read(offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        self._check_config(offset, size)
+        self.model.config_write(offset, size, value)
+
+    @staticmethod
+    def _check_config(offset: int, size: int) -> None:
+        if size not in (1, 2, 4) or offset < 0 or offset + size > 256 or offset % size:
+            raise HalError(f"config space access of {size} bytes at {offset:#x} is not valid")
+
+    # --- BARs -----------------------------------------------------------------
+    def region(self, bar: int) -> MmioRegion | None:
+        return self._regions.get(bar)
+
+    # --- DMA ------------------------------------------------------------------
+    def dma_map(self, iova: int, memory: HostBuffer, offset: int, size: int) -> None:
+        if offset < 0 or size <= 0 or offset + size > memory.size:
+            raise HalError(f"dma_map: {offset:#x}+{size:#x} is outside the {memory.size:#x}-byte memory")
+        try:
+            self.model.iommu.map(iova, memory.view[offset:offset + size], size)
+        except ValueError as err:  # IommuError derives from ValueError
+            raise HalError(f"dma_map {iova:#x}+{size:#x}: {err}") from None
+        self._mappings[iova] = size
+
+    def dma_unmap(self, iova: int, size: int) -> None:
+        try:
+            self.model.iommu.unmap(iova, size)
+        except ValueError as err:
+            raise HalError(f"dma_unmap {iova:#x}+{size:#x}: {err}") from None
+        self._mappings.pop(iova, None)
+
+    # --- MSI-X ----------------------------------------------------------------
+    def _find_msix(self):
+        pos = self.model.config_read(0x34, 1) & 0xFC
+        seen = set()
+        while pos and pos not in seen:
+            seen.add(pos)
+            if self.model.config_read(pos, 1) == PCI_CAP_ID_MSIX:
+                control = self.model.config_read(pos + 2, 2)
+                table = self.model.config_read(pos + 4, 4)
+                return pos, (control & 0x7FF) + 1, table & 7, table & ~7
+            pos = self.model.config_read(pos + 1, 1) & 0xFC
+        return None
+
+    def msix_vectors(self) -> int:
+        return self._msix[1] if self._msix else 0
+
+    def set_msix(self, eventfds: Sequence[int]) -> None:
+        if not self._msix:
+            raise HalError(f"{self.address}: the function has no MSI-X capability")
+        pos, count, bir, table = self._msix
+        if len(eventfds) > count:
+            raise HalError(f"{self.address}: {len(eventfds)} eventfds for {count} MSI-X vectors")
+        control = self.model.config_read(pos + 2, 2)
+        for vector in range(count):
+            self.model.msix.bind(vector, -1)
+        if not eventfds:
+            self.model.config_write(pos + 2, 2, control & ~(MSIX_ENABLE | MSIX_FUNCTION_MASK))
+            return
+        # Mask the function while the table is rewritten, as the kernel does.
+        self.model.config_write(pos + 2, 2, control | MSIX_ENABLE | MSIX_FUNCTION_MASK)
+        for vector, fd in enumerate(eventfds):
+            entry = table + 16 * vector
+            self.model.mmio_write(bir, entry, 4, MSI_ADDRESS)
+            self.model.mmio_write(bir, entry + 4, 4, 0)
+            self.model.mmio_write(bir, entry + 8, 4, vector)
+            self.model.mmio_write(bir, entry + 12, 4, 0 if fd >= 0 else 1)
+            self.model.msix.bind(vector, fd)
+        self.model.config_write(pos + 2, 2, (control | MSIX_ENABLE) & ~MSIX_FUNCTION_MASK)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._msix:
+            self.set_msix([])
+        for iova, size in list(self._mappings.items()):
+            self.dma_unmap(iova, size)

@@ -1,0 +1,1 @@
+"""Benchmarks behind `ifcvf bench`; each module exposes register(subparsers)."""

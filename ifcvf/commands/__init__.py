@@ -1,0 +1,1 @@
+"""One module per `ifcvf` sub-command; each exposes register(subparsers)."""

@@ -1,0 +1,171 @@
+"""Scenario files (TOML): loaded, validated, and turned into frozen settings.
+
+A bad file gets an error naming the file, the key, the value and what is
+allowed; nothing half-loaded escapes.  Sections and keys are declared once in
+SCHEMA, which is also what ``ifcvf sim run --help`` and the README describe.
+
+The [device] section is not declared here: its keys are the fields of
+``sim.config.IfcvfConfig`` and its own validation applies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be run; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    type: type
+    default: Any
+    help: str
+    allowed: Callable[[Any], bool] | None = None
+    allowed_text: str = ""
+    choices: tuple = ()
+
+
+def _range(lo, hi):
+    return (lambda v: lo <= v <= hi), f"{lo}..{hi}"
+
+
+def _pow2(lo, hi):
+    return (lambda v: lo <= v <= hi and v & (v - 1) == 0), f"a power of two in {lo}..{hi}"
+
+
+def _key(name, type_, default, help, *, check=None, choices=()):
+    allowed, text = check if check else (None, "")
+    return Key(name, type_, default, help, allowed, text, tuple(choices))
+
+
+KINDS = ("bringup", "traffic", "migration")
+
+SCHEMA: dict[str, list[Key]] = {
+    "": [
+        _key("name", str, "", "short name shown in reports"),
+        _key("description", str, "", "what the scenario shows"),
+        _key("kind", str, "bringup", "what to run", choices=KINDS),
+        _key("seed", int, 1, "seed of every random stream in the run", check=_range(0, 2**63 - 1)),
+    ],
+    "driver": [
+        _key("devargs", str, "vdpa=1", "device arguments, as DPDK takes them"),
+        _key("queue_pairs", int, 1, "queue pairs the guest enables", check=_range(1, 32)),
+        _key("queue_size", int, 256, "ring size of every queue", check=_pow2(2, 32768)),
+        _key("ring_base", int, 0, "index the rings start (or resume) at", check=_range(0, 0xFFFF)),
+        _key("guest_memory_mib", int, 64, "guest RAM in MiB", check=_range(4, 16384)),
+    ],
+}
+
+
+def _check_value(path: Path, section: str, key: Key, value):
+    where = f"{path}: [{section}] {key.name}" if section else f"{path}: {key.name}"
+    if key.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if key.type is int and isinstance(value, bool) or not isinstance(value, key.type):
+        raise ScenarioError(f"{where} = {value!r}: expected {key.type.__name__}")
+    if key.choices and value not in key.choices:
+        raise ScenarioError(f"{where} = {value!r}: allowed values are {', '.join(map(str, key.choices))}")
+    if key.allowed and not key.allowed(value):
+        raise ScenarioError(f"{where} = {value!r}: allowed is {key.allowed_text}")
+    return value
+
+
+def _section(path: Path, name: str, table: dict, keys: list[Key]) -> dict:
+    known = {k.name: k for k in keys}
+    out = {}
+    for k, v in table.items():
+        if k not in known:
+            where = f"[{name}] " if name else ""
+            raise ScenarioError(f"{path}: {where}unknown key {k!r}; known keys: {', '.join(known)}")
+        out[k] = _check_value(path, name, known[k], v)
+    for k in keys:
+        out.setdefault(k.name, k.default)
+    return out
+
+
+@dataclass(frozen=True)
+class Scenario:
+    path: Path
+    name: str
+    description: str
+    kind: str
+    seed: int
+    device: dict = field(default_factory=dict)
+    sections: dict = field(default_factory=dict)
+
+    def section(self, name: str) -> dict:
+        return self.sections[name]
+
+    def with_seed(self, seed: int) -> "Scenario":
+        return dataclasses.replace(self, seed=seed)
+
+
+def load(path: str | Path, *, extra_schema: dict[str, list[Key]] | None = None) -> Scenario:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{path}: not valid TOML: {err}") from None
+    schema = dict(SCHEMA)
+    schema.update(extra_schema or {})
+    top_keys = schema[""]
+    tables = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    scalars = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    top = _section(path, "", scalars, top_keys)
+    sections = {}
+    for name, table in tables.items():
+        if name == "device":
+            continue
+        if name not in schema:
+            allowed = ", ".join(["device"] + [s for s in schema if s])
+            raise ScenarioError(f"{path}: unknown section [{name}]; known sections: {allowed}")
+    for name, keys in schema.items():
+        if name:
+            sections[name] = _section(path, name, tables.get(name, {}), keys)
+    device = tables.get("device", {})
+    _check_device(path, device)
+    return Scenario(path, top["name"] or path.stem, top["description"], top["kind"], top["seed"],
+                    device, sections)
+
+
+def _check_device(path: Path, device: dict) -> None:
+    from sim.config import IfcvfConfig
+
+    names = {f.name for f in dataclasses.fields(IfcvfConfig)}
+    for key in device:
+        if key not in names:
+            raise ScenarioError(f"{path}: [device] unknown key {key!r}; known keys: {', '.join(sorted(names))}")
+    try:
+        device_config(device)
+    except (TypeError, ValueError) as err:
+        raise ScenarioError(f"{path}: [device] {err}") from None
+
+
+def device_config(device: dict):
+    """An IfcvfConfig from a [device] table (layout "qemu" starts from QEMU's defaults)."""
+    from sim.config import IfcvfConfig
+
+    settings = dict(device)
+    if settings.pop("layout", "ifcvf") == "qemu":
+        return dataclasses.replace(IfcvfConfig.qemu_virtio_net(), **settings)
+    return IfcvfConfig(**settings)
+
+
+def describe_schema() -> str:
+    """Human-readable list of sections and keys (for --help and the README)."""
+    lines = []
+    for name, keys in SCHEMA.items():
+        lines.append(f"[{name}]" if name else "top level")
+        for k in keys:
+            allowed = k.allowed_text or (", ".join(map(str, k.choices)) if k.choices else k.type.__name__)
+            lines.append(f"  {k.name + ' = ' + repr(k.default):<28} {k.help} ({allowed})")
+    lines.append("[device]\n  any field of sim.config.IfcvfConfig (queue_pairs, max_queue_size, ...)")
+    return "\n".join(lines)
