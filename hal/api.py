@@ -62,6 +62,23 @@ class NotifyArea:
     size: int
 
 
+class Poller(Protocol):
+    """Relay work driven by eventfds (kicks, device interrupts)."""
+
+    name: str
+
+    def fds(self) -> Sequence[int]:
+        """The eventfds whose readiness means there is work."""
+
+    def step(self) -> Sequence[int]:
+        """Do whatever is pending without blocking; return the eventfds it signalled."""
+
+    def run(self) -> None:
+        """Block handling events until ``stop()`` is called (from another thread)."""
+
+    def stop(self) -> None: ...
+
+
 class Clock(abc.ABC):
     """Time as the driver sees it.  Nanoseconds, monotonic."""
 
@@ -198,6 +215,20 @@ class PciFunction(abc.ABC):
     def notify_area(self, bar: int, offset: int) -> NotifyArea | None:
         """An fd+offset that maps the page holding this doorbell, if the backend has one."""
         return None
+
+    # --- relay work -----------------------------------------------------------
+    @abc.abstractmethod
+    def start_poller(self, poller: "Poller") -> None:
+        """Run ``poller`` whenever one of its eventfds fires, until stop_poller.
+
+        VFIO runs ``poller.run()`` on its own thread (the loop lives in C and
+        blocks in epoll); the simulator calls ``poller.step()`` from a simpy
+        process at the modelled time after a watched fd is signalled.
+        """
+
+    @abc.abstractmethod
+    def stop_poller(self, poller: "Poller") -> None:
+        """Stop it within a bounded time; no step runs after this returns."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -12,6 +12,7 @@ import sys
 # (module, what it adds); imported lazily so `ifcvf --help` stays fast and a
 # command's heavy imports (simpy, cffi) load only when it runs.
 COMMANDS = [
+    "ifcvf.commands.serve",
     "ifcvf.commands.sim",
     "ifcvf.commands.bench",
 ]

@@ -249,6 +249,11 @@ class IfcvfHw:
         """Data queue pairs: IFCVF always has a control queue after them."""
         return max(0, (self.num_queues - 1) // 2)
 
+    def max_queue_size(self, index: int) -> int:
+        """The largest ring queue ``index`` supports (0: the queue does not exist)."""
+        self.common.write16(Common.QUEUE_SELECT, index)
+        return self.common.read16(Common.QUEUE_SIZE)
+
     def device_features(self) -> int:
         self.common.write32(Common.DEVICE_FEATURE_SELECT, 0)
         lo = self.common.read32(Common.DEVICE_FEATURE)

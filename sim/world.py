@@ -17,6 +17,7 @@ import hashlib
 import math
 import os
 import random
+import select
 from typing import Callable
 
 import simpy
@@ -76,6 +77,7 @@ class World:
         self.env = simpy.Environment()
         self.trace = Trace()
         self._fd_watchers: dict[int, list[Callable[[int], None]]] = {}
+        self._poll: select.poll | None = None
 
     # --- time ---------------------------------------------------------------
     @property
@@ -131,17 +133,29 @@ class World:
         return self.trace.digest()
 
     # --- eventfds -------------------------------------------------------------
+    # The writer and the watcher of an eventfd usually hold different fd
+    # numbers for it (one end came over vhost-user with SCM_RIGHTS), so a
+    # signal cannot be routed by number.  Instead, after every write, every
+    # watched fd that is readable is reported: watchers must be idempotent
+    # (a fd stays readable until its owner drains it).
     def watch_fd(self, fd: int, callback: Callable[[int], None]) -> None:
-        """Call ``callback(fd)`` whenever a simulated component signals ``fd``."""
+        """Call ``callback(fd)`` whenever ``fd`` may have become readable."""
         self._fd_watchers.setdefault(fd, []).append(callback)
+        self._poll = None
 
     def unwatch_fd(self, fd: int, callback: Callable[[int], None] | None = None) -> None:
         if callback is None:
             self._fd_watchers.pop(fd, None)
-            return
-        watchers = self._fd_watchers.get(fd, [])
-        if callback in watchers:
-            watchers.remove(callback)
+        else:
+            watchers = self._fd_watchers.get(fd, [])
+            if callback in watchers:
+                watchers.remove(callback)
+            if not watchers:
+                self._fd_watchers.pop(fd, None)
+        self._poll = None
+
+    def watched_fds(self) -> list[int]:
+        return list(self._fd_watchers)
 
     def signal_fd(self, fd: int) -> None:
         """Write 1 to an eventfd (a real one: it may belong to another process) and wake watchers."""
@@ -150,9 +164,25 @@ class World:
         try:
             os.eventfd_write(fd, 1)
         except OSError:
-            # A closed or foreign fd: the signal is lost, as a real MSI-X write to
-            # a torn-down irqfd would be; the trace says so.
-            self.record("world", "signal_lost", fd=fd)
+            # A closed fd: the signal is lost, as a real MSI-X write to a
+            # torn-down irqfd would be; the trace says so.
+            self.record("world", "signal_lost")
             return
+        self.wake_readable()
+
+    def wake_readable(self) -> None:
+        """Report every watched fd that is readable now (C code wrote some)."""
+        if not self._fd_watchers:
+            return
+        if self._poll is None:
+            self._poll = select.poll()
+            for watched in self._fd_watchers:
+                self._poll.register(watched, select.POLLIN)
+        for ready, _ in sorted(self._poll.poll(0)):
+            for callback in list(self._fd_watchers.get(ready, ())):
+                callback(ready)
+
+    def notify_watchers(self, fd: int) -> None:
+        """Wake the watchers of one fd (for callers that know it is readable)."""
         for callback in list(self._fd_watchers.get(fd, ())):
             callback(fd)

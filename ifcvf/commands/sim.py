@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 RUN_HELP = """\
@@ -61,6 +60,3 @@ def cmd_run(args) -> int:
         console.print(f"results written to {args.json}")
     return 0 if result.get("ok", True) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(0)

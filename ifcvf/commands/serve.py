@@ -1,0 +1,139 @@
+"""`ifcvf serve`: the vhost-user back-end, one socket per VF."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+
+log = logging.getLogger("ifcvf.serve")
+
+DESCRIPTION = """\
+Serve one vhost-user socket per VF.  When the front-end (QEMU, or DPDK
+virtio-user) connects and the guest's virtio-net driver is ready, the VF is
+configured to serve the guest's rings directly: guest memory is mapped into
+the VF's own IOMMU domain (IOVA = guest-physical), MSI-X vectors are wired to
+the guest's call eventfds, kicks are relayed to the VF's doorbells.
+
+Give --socket and --device once per VF, in pairs, in the same order:
+
+  ifcvf serve --socket /run/vf0.sock --device 0000:3b:00.2 --devargs vdpa=1
+  ifcvf serve --socket /tmp/a.sock --device sim --socket /tmp/b.sock --device sim
+
+A DEVICE is a PCI address bound to vfio-pci (see `ifcvf devices` and `ifcvf bind`)
+or `sim` for a simulated IFCVF that follows the wall clock.
+
+Device arguments (--devargs, once for all VFs or once per VF):
+  vdpa=1                 claim the function as a vDPA device (required)
+  sw-live-migration=1    migrate through the software relay instead of the
+                         VF's hardware dirty logging (needed when the VF has
+                         no live-migration block)
+  generic-virtio-net=1   also drive virtio-net functions outside the IFCVF ID
+                         table, such as QEMU's virtio-net-pci
+
+QEMU example (guest memory must be shared):
+  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
+  -chardev socket,id=c0,path=/run/vf0.sock -netdev vhost-user,id=n0,chardev=c0
+  -device virtio-net-pci,netdev=n0
+
+SIGTERM or Ctrl-C stops the VFs and exits.
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="run the vhost-user back-end for one or more VFs",
+                                   description=DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket", action="append", default=[], metavar="PATH",
+                        help="vhost-user socket path (created mode 0600 in server mode)")
+    parser.add_argument("--device", action="append", default=[], metavar="DEVICE",
+                        help="PCI address (vfio-pci) or `sim`")
+    parser.add_argument("--devargs", action="append", default=[], metavar="ARGS",
+                        help="device arguments, e.g. vdpa=1,sw-live-migration=1 (default vdpa=1)")
+    parser.add_argument("--client", action="store_true",
+                        help="connect to the socket (QEMU in server mode) and reconnect when it goes")
+    parser.add_argument("--no-status", action="store_true",
+                        help="do not offer the STATUS protocol feature (QEMU 7.2 orders messages "
+                             "differently with it)")
+    parser.add_argument("--print-capabilities", action="store_true",
+                        help="print the back-end's capabilities as JSON (vhost-user back-end "
+                             "program conventions) and exit")
+    parser.set_defaults(func=cmd_serve)
+
+
+def capabilities() -> dict:
+    return {"type": "net", "features": []}
+
+
+def _pairs(args) -> list[tuple[str, str, str]]:
+    if len(args.socket) != len(args.device) or not args.socket:
+        raise SystemExit("ifcvf serve: give --socket and --device once per VF, in pairs "
+                         f"(got {len(args.socket)} sockets, {len(args.device)} devices)")
+    devargs = args.devargs or ["vdpa=1"]
+    if len(devargs) == 1:
+        devargs = devargs * len(args.device)
+    if len(devargs) != len(args.device):
+        raise SystemExit("ifcvf serve: give --devargs once for all VFs or once per VF")
+    return list(zip(args.socket, args.device, devargs))
+
+
+def open_function(device: str, world_box: list):
+    """The HAL function behind DEVICE; a simulated one shares one world per process."""
+    if device == "sim" or device.startswith("sim:"):
+        from hal.sim import SimFunction
+        from sim.config import IfcvfConfig
+        from sim.world import World
+        from sim.ifcvf import IfcvfFunction
+
+        if not world_box:
+            world_box.append(World(seed=0))
+        index = sum(1 for _ in world_box[1:])
+        model = IfcvfFunction(world_box[0], IfcvfConfig(), name=f"vf{index}")
+        world_box.append(model)
+        return SimFunction(model, index)
+    from hal.vfio import VfioFunction
+    return VfioFunction(device)
+
+
+def cmd_serve(args) -> int:
+    if args.print_capabilities:
+        print(json.dumps(capabilities()))
+        return 0
+    from hal.api import HalError
+    from ifcvf.devargs import DevargsError, parse
+    from ifcvf.vdpa import ProbeError, VdpaDevice
+    from ifcvf.vhost.backend import VhostBackend
+    from ifcvf.vhost.server import VhostServer
+
+    pairs = _pairs(args)
+    world_box: list = []
+    drivers = []
+    server = VhostServer()
+    try:
+        for path, device, devargs in pairs:
+            try:
+                fn = open_function(device, world_box)
+                driver = VdpaDevice(fn, parse(devargs))
+            except (DevargsError, ProbeError, HalError, OSError) as err:
+                log.error("%s: %s", device, err)
+                return 1
+            drivers.append(driver)
+            server.add_endpoint(path, lambda d=driver, p=path: VhostBackend(
+                d, name=p, status_feature=not args.no_status), client=args.client)
+            log.warning("serving %s on %s (%s)", device, path, driver.kind)
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        signal.signal(signal.SIGINT, lambda *_: server.stop())
+        if world_box:
+            from sim.realtime import RealtimeClock
+            clock = RealtimeClock(world_box[0])
+            while not server.stopping:
+                server.poll_once(timeout=0.001)
+                clock.sync()
+        else:
+            server.serve_forever()
+        return 0
+    finally:
+        server.close()
+        for driver in drivers:
+            driver.close()
+

@@ -1,0 +1,603 @@
+"""One vhost-user connection: the back-end state machine in front of one VF.
+
+Messages come in validated by the codec; each handler checks everything the
+front-end controls *before* changing any state, so a refused message leaves
+the connection exactly as it was.  The VF is configured (``dev_conf``) when the
+device becomes ready as DPDK defines it (the first queue pair's rings have
+translated addresses, kick and call fds and are enabled; with STATUS, the
+driver set DRIVER_OK), and only after the reply to the message that made it
+ready has gone out: ``handle`` returns the replies, the transport sends them,
+then calls ``after_reply``.
+
+The object is transport-neutral: the socket server and the simulator's QEMU
+role both feed it frames and send what it returns.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+from hal.memory import HostMemory
+from ifcvf import ids
+from ifcvf.dirtylog import DirtyLog, LogRangeError, log_size_for
+from ifcvf.vdpa import VdpaDevice, VdpaError, Vring
+from ifcvf.vhost import protocol as p
+from ifcvf.vhost.channel import Frame, close_fds, send_message
+from ifcvf.vhost.memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger("ifcvf.vhost")
+
+R = p.Request
+PF = p.ProtocolFeature
+MAX_RING_SIZE = 32768
+
+
+class Refused(Exception):
+    """A request that is well formed but cannot be honoured now; nothing changed."""
+
+
+@dataclass
+class VringSetup:
+    """What the front-end told us about one vring."""
+
+    index: int
+    num: int = 0
+    last_avail: int = 0
+    last_used: int = 0
+    addr: p.VringAddr | None = None
+    gpas: tuple[int, int, int] | None = None   # desc, avail, used (translated)
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    kick_set: bool = False
+    call_set: bool = False
+    enabled: bool = False
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+            setattr(self, name, -1)
+
+
+@dataclass
+class LogMapping:
+    """The dirty log from SET_LOG_BASE (the driver's LogArea)."""
+
+    memory: HostMemory
+    offset: int
+    size: int
+    log: DirtyLog = field(init=False)
+
+    def __post_init__(self):
+        self.log = DirtyLog(self.memory.view[self.offset:self.offset + self.size])
+
+    def close(self) -> None:
+        self.log.release()
+        self.memory.close()
+
+
+@dataclass
+class Outcome:
+    """What the transport must do after ``handle``: send, then maybe close."""
+
+    replies: list[tuple[bytes, list[int]]] = field(default_factory=list)
+    close: bool = False
+
+
+class VhostBackend:
+    """The state of one front-end connection, in front of one ``VdpaDevice``."""
+
+    def __init__(self, driver: VdpaDevice, *, name: str = "vhost", status_feature: bool = True):
+        self.driver = driver
+        self.name = name
+        self.offered_features = driver.get_features()
+        self.offered_protocol = driver.get_protocol_features()
+        if not status_feature:
+            self.offered_protocol &= ~(1 << PF.STATUS)
+        self.features = 0
+        self.features_set = False
+        self.protocol_features = 0
+        self.owner = False
+        self.status = 0
+        self.memory: GuestMemory | None = None
+        self.log_mapping: LogMapping | None = None
+        self.vrings = [VringSetup(i) for i in range(driver.max_vrings)]
+        self.backend_sock: socket.socket | None = None
+        self.configured = False
+        self.pending_backend: list[tuple[bytes, list[int]]] = []
+        self.broken_reason = ""
+        self.stats = {"messages": 0, "refused": 0}
+
+    # --- the VhostDevice view the driver uses -------------------------------------
+    @property
+    def negotiated(self) -> int:
+        return self.features
+
+    def vring_views(self) -> list[Vring]:
+        out = []
+        for v in self.vrings:
+            if v.gpas is None or v.addr is None:
+                continue
+            desc, avail, used = v.gpas
+            out.append(Vring(v.index, v.num, desc, avail, used, v.addr.log, v.last_avail,
+                             v.last_used, v.kick_fd, v.call_fd, v.enabled))
+        return out
+
+    def log_area(self):
+        return self.log_mapping
+
+    def set_vring_base(self, index: int, last_avail: int, last_used: int) -> None:
+        self.vrings[index].last_avail = last_avail
+        self.vrings[index].last_used = last_used
+
+    def config_changed(self) -> None:
+        """The VF raised its config interrupt: tell the front-end (BACKEND_CONFIG_CHANGE)."""
+        if self.backend_sock is None:
+            return
+        self.pending_backend.append(
+            (p.encode_backend_request(p.BackendRequest.CONFIG_CHANGE_MSG, need_reply=self._reply_ack), []))
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        if self.log_mapping is None:
+            return
+        try:
+            self.log_mapping.log.mark(gpa, length)
+        except LogRangeError as err:
+            log.error("%s: cannot log %#x+%#x: %s", self.name, gpa, length, err)
+
+    # --- message handling --------------------------------------------------------------
+    @property
+    def _reply_ack(self) -> bool:
+        return bool(self.protocol_features >> PF.REPLY_ACK & 1)
+
+    @property
+    def _log_shmfd(self) -> bool:
+        return bool(self.protocol_features >> PF.LOG_SHMFD & 1)
+
+    def handle(self, frame: Frame) -> Outcome:
+        """Handle one framed message; the caller sends ``replies`` in order."""
+        self.stats["messages"] += 1
+        header = frame.header
+        try:
+            msg = p.parse(header, frame.payload, frame.fds)
+        except p.ProtocolError as err:
+            close_fds(frame.fds)
+            return self._refuse(header.request, header.flags, f"malformed: {err.reason}")
+        close_fds(msg.stray_fds)
+        name = msg.request.name
+        if not self._gate_allows(msg):
+            close_fds(msg.fds)
+            return self._refuse(msg.request, msg.flags,
+                                f"not negotiated ({msg.spec.gate.describe()})")
+        handler = getattr(self, f"_on_{name.lower()}", None)
+        if handler is None:
+            close_fds(msg.fds)
+            return self._refuse(msg.request, msg.flags, "not supported by this back-end")
+        try:
+            body = handler(msg)
+        except Refused as err:
+            close_fds(msg.fds)
+            return self._refuse(msg.request, msg.flags, str(err))
+        action = p.reply_action(msg.request, msg.flags, reply_ack=self._reply_ack,
+                                log_shmfd=self._log_shmfd)
+        log.debug("%s: %s handled -> %s", self.name, name, action.name)
+        return self._send(msg.request, action, body)
+
+    def _gate_allows(self, msg: p.Message) -> bool:
+        if msg.request is R.SEND_RARP:
+            return True  # harmless whatever was negotiated: accepted and logged
+        return msg.spec.gate.allows(offered_features=self.offered_features,
+                                    acked_protocol_features=self.protocol_features,
+                                    acked_features=self.features)
+
+    def _send(self, request, action: p.ReplyAction, body) -> Outcome:
+        out = Outcome()
+        if action is p.ReplyAction.BODY:
+            out.replies.append((p.encode_reply(request, body), []))
+        elif action is p.ReplyAction.ACK_SUCCESS:
+            out.replies.append((p.encode_ack(request, True), []))
+        elif action is p.ReplyAction.ACK_FAILURE:
+            out.replies.append((p.encode_ack(request, False), []))
+        elif action is p.ReplyAction.FAILURE_BODY:
+            out.replies.append((p.encode_failure_reply(request), []))
+        elif action is p.ReplyAction.CLOSE:
+            out.close = True
+        return out
+
+    def _refuse(self, request, flags: int, reason: str) -> Outcome:
+        self.stats["refused"] += 1
+        name = p.request_name(request)
+        action = p.reply_action(request, flags, reply_ack=self._reply_ack,
+                                log_shmfd=self._log_shmfd, ok=False)
+        if request == R.SET_LOG_BASE and action is p.ReplyAction.CLOSE:
+            # Its reply cannot say "failed", but closing would cut the guest's
+            # network over a log: answer, keep no log, and LOG_ALL will then be
+            # refused with an ack QEMU does check, failing only the migration.
+            action = p.ReplyAction.BODY
+        log.warning("%s: refused %s: %s%s", self.name, name, reason,
+                    " (closing: no reply can carry the failure)" if action is p.ReplyAction.CLOSE else "")
+        if action is p.ReplyAction.CLOSE:
+            self.broken_reason = f"{name}: {reason}"
+        return self._send(request, action, None)
+
+    # --- readiness and the driver ---------------------------------------------------
+    def _translate(self, v: VringSetup, addr: p.VringAddr, num: int) -> tuple[int, int, int]:
+        """UVAs -> GPAs for a ring of ``num`` entries, checking sizes and alignment."""
+        assert self.memory is not None
+        if addr.desc % 16 or addr.avail % 2 or addr.used % 4:
+            raise Refused(f"vring {v.index}: ring addresses are misaligned "
+                          f"(desc {addr.desc:#x} needs 16, avail {addr.avail:#x} 2, used {addr.used:#x} 4)")
+        try:
+            return (self.memory.uva_to_gpa(addr.desc, 16 * num),
+                    self.memory.uva_to_gpa(addr.avail, 6 + 2 * num),
+                    self.memory.uva_to_gpa(addr.used, 6 + 8 * num))
+        except GuestMemoryError as err:
+            raise Refused(f"vring {v.index}: {err}") from None
+
+    @staticmethod
+    def _ready(v: VringSetup, *, if_enabled: bool = False) -> bool:
+        """DPDK's vq_is_ready: translated, kick and call fds given, enabled."""
+        return (v.gpas is not None and v.num > 0 and v.kick_set and v.call_set
+                and (v.enabled or if_enabled))
+
+    def device_ready(self) -> bool:
+        if self.memory is None or not self.features_set:
+            return False
+        if self.protocol_features >> PF.STATUS & 1 and not self.status & ids.Status.DRIVER_OK:
+            return False
+        # DPDK's rule is "the first queue pair is ready"; its IFCVF driver then
+        # fails dev_conf (and retries) while any *enabled* vring lacks its
+        # set-up, which is what QEMU 7.2 without STATUS produces between queue
+        # pairs.  Waiting for every enabled vring says the same thing directly.
+        return (all(self._ready(v) for v in self.vrings[:2])
+                and all(self._ready(v) for v in self.vrings if v.enabled))
+
+    def after_reply(self) -> None:
+        """Called once the replies to a message are sent: configure the VF if now ready."""
+        if self.configured:
+            self._start_late_vrings()
+            return
+        if not self.device_ready():
+            return
+        try:
+            self.driver.dev_conf(self)
+        except VdpaError as err:
+            log.error("%s: dev_conf failed: %s", self.name, err)
+            return
+        self.configured = True
+        log.info("%s: VF configured (features %#x, vrings %s)", self.name, self.features,
+                 [v.index for v in self.vrings if self._ready(v)])
+        self._offer_host_notifiers()
+
+    def _close_device(self) -> None:
+        if self.configured:
+            self.configured = False
+            self.driver.dev_close()
+
+    def _offer_host_notifiers(self) -> None:
+        need = (1 << PF.BACKEND_REQ) | (1 << PF.BACKEND_SEND_FD) | (1 << PF.HOST_NOTIFIER)
+        if (self.backend_sock is None or self.protocol_features & need != need
+                or not self.features >> ids.Feature.VERSION_1 & 1):
+            return
+        for v in self.vrings:
+            if not v.enabled:
+                continue
+            area = self.driver.get_notify_area(v.index)
+            if area is None:
+                continue
+            payload = p.VringArea(v.index, False, area.size, area.offset)
+            self.pending_backend.append((p.encode_backend_request(
+                p.BackendRequest.VRING_HOST_NOTIFIER_MSG, payload, need_reply=self._reply_ack), [area.fd]))
+
+    def flush_backend(self) -> None:
+        """Send queued back-end -> front-end requests; their acks are read by ``poll_backend``."""
+        while self.pending_backend and self.backend_sock is not None:
+            data, fds = self.pending_backend.pop(0)
+            try:
+                send_message(self.backend_sock, data, fds)
+            except OSError as err:
+                log.warning("%s: back-end channel failed: %s", self.name, err)
+                self.backend_sock.close()
+                self.backend_sock = None
+                self.pending_backend.clear()
+
+    def poll_backend(self) -> None:
+        """Read whatever acks the front-end sent on the back-end channel (non-blocking)."""
+        if self.backend_sock is None:
+            return
+        try:
+            data = self.backend_sock.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.backend_sock.close()
+            self.backend_sock = None
+
+    # --- handlers: negotiation -------------------------------------------------------
+    def _on_get_features(self, msg):
+        return p.U64(self.offered_features)
+
+    def _on_set_features(self, msg):
+        features = msg.payload.value
+        extra = features & ~self.offered_features
+        if extra:
+            raise Refused(f"features {extra:#x} were never offered")
+        if self.configured and (features ^ self.features) & ~ids.bit(ids.Feature.LOG_ALL):
+            raise Refused("only LOG_ALL may change while the VF runs")
+        if features >> p.F_LOG_ALL & 1 and self.log_mapping is None:
+            raise Refused("LOG_ALL without a dirty log (SET_LOG_BASE missing or refused)")
+        try:
+            self.driver.set_features(features)  # changes nothing when it fails
+        except VdpaError as err:
+            raise Refused(str(err)) from None
+        self.features = features
+        self.features_set = True
+        if not features >> p.F_PROTOCOL_FEATURES & 1:
+            for v in self.vrings:  # without protocol features rings start enabled
+                v.enabled = True
+        return None
+
+    def _on_get_protocol_features(self, msg):
+        return p.U64(self.offered_protocol)
+
+    def _on_set_protocol_features(self, msg):
+        extra = msg.payload.value & ~self.offered_protocol
+        if extra:
+            raise Refused(f"protocol features {extra:#x} were never offered")
+        self.protocol_features = msg.payload.value
+        return None
+
+    def _on_get_queue_num(self, msg):
+        return p.U64(self.driver.get_queue_num())
+
+    def _on_set_owner(self, msg):
+        self.owner = True
+        return None
+
+    def _on_reset_owner(self, msg):
+        self._close_device()
+        self.features = 0
+        self.features_set = False
+        return None
+
+    def _on_set_backend_req_fd(self, msg):
+        fd = msg.fds[0]
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            raise Refused(f"the back-end channel fd is not a socket: {err}") from None
+        if self.backend_sock is not None:
+            self.backend_sock.close()
+        self.backend_sock = sock
+        return None
+
+    def _on_set_status(self, msg):
+        # QEMU 7.2 sends SET_STATUS(0) *before* GET_VRING_BASE: the ring state
+        # must survive it, so status changes never stop the VF by themselves.
+        self.status = msg.payload.value
+        return None
+
+    def _on_get_status(self, msg):
+        return p.U64(self.status)
+
+    def _on_send_rarp(self, msg):
+        mac = msg.payload.value.to_bytes(8, "little")[:6]
+        log.info("%s: SEND_RARP %s: the VF cannot send RARP; the guest announces itself "
+                 "(GUEST_ANNOUNCE)", self.name, mac.hex(":"))
+        return None
+
+    # --- handlers: memory and log -----------------------------------------------------
+    def _on_set_mem_table(self, msg):
+        regions = [(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+                   for r in msg.payload.regions]
+        if not regions:
+            raise Refused("empty memory table")
+        # Every vring's addresses must still translate in the new table.
+        try:
+            memory = GuestMemory.map(regions, list(msg.fds))
+        except GuestMemoryError as err:
+            raise Refused(str(err)) from None
+        if self.memory is not None and memory.layout() == self.memory.layout():
+            memory.close()
+            log.info("%s: memory table unchanged", self.name)
+            return None
+        was_configured = self.configured
+        self._close_device()
+        old, self.memory = self.memory, memory
+        for v in self.vrings:
+            v.gpas = None
+            if v.addr is not None and v.num:
+                try:
+                    v.gpas = self._translate(v, v.addr, v.num)
+                except Refused as err:
+                    log.warning("%s: %s (vring not ready until its address is set again)", self.name, err)
+        if old is not None:
+            old.close()
+        log.info("%s: memory table: %s%s", self.name,
+                 ", ".join(f"{r.gpa:#x}+{r.size:#x}" for r in memory.regions),
+                 " (VF stopped; reconfigures when ready)" if was_configured else "")
+        return None
+
+    def _on_set_log_base(self, msg):
+        size, offset = msg.payload.mmap_size, msg.payload.mmap_offset
+        fd = msg.fds[0]
+        if size == 0:
+            raise Refused("log size 0")
+        if self.memory is not None and size < log_size_for(self.memory.end):
+            raise Refused(f"log of {size} bytes covers less than the memory table "
+                          f"(needs {log_size_for(self.memory.end)} bytes)")
+        try:
+            st = os.fstat(fd)
+            if st.st_size < offset + size:
+                raise Refused(f"log fd holds {st.st_size} bytes, not {offset}+{size}")
+            mapping = LogMapping(HostMemory(offset + size, "vhost-log", fd=fd), offset, size)
+        except OSError as err:
+            raise Refused(f"cannot map the log: {err}") from None
+        old, self.log_mapping = self.log_mapping, mapping
+        try:
+            self.driver.log_base_changed()
+        except VdpaError as err:
+            log.error("%s: moving logging to the new log: %s", self.name, err)
+        if old is not None:
+            old.close()
+        log.info("%s: dirty log of %d bytes mapped", self.name, size)
+        return None
+
+    def _on_set_log_fd(self, msg):
+        # QEMU 7.2 never sends it for net; we have no use for a "log changed" signal.
+        close_fds(msg.fds)
+        return None
+
+    # --- handlers: vrings -------------------------------------------------------------------
+    def _vring(self, index: int) -> VringSetup:
+        if not 0 <= index < len(self.vrings):
+            raise Refused(f"vring {index} out of range (this VF has {len(self.vrings)})")
+        return self.vrings[index]
+
+    def _runs(self, v: VringSetup) -> bool:
+        return self.configured and v.index in self.driver.running_vrings()
+
+    def _not_while_running(self, v: VringSetup, what: str) -> None:
+        if self._runs(v):
+            raise Refused(f"vring {v.index}: {what} while the VF runs it")
+
+    def _on_set_vring_num(self, msg):
+        v = self._vring(msg.payload.index)
+        num = msg.payload.num
+        if num == 0 or num & (num - 1) or num > MAX_RING_SIZE:
+            raise Refused(f"vring {v.index}: size {num} is not a power of two in 1..{MAX_RING_SIZE}")
+        if num > self.driver.max_queue_size:
+            raise Refused(f"vring {v.index}: size {num} exceeds the VF's maximum {self.driver.max_queue_size}")
+        self._not_while_running(v, "resize")
+        v.num = num
+        v.gpas = None  # addresses are re-checked against the new size
+        if v.addr is not None and self.memory is not None:
+            try:
+                v.gpas = self._translate(v, v.addr, num)
+            except Refused:
+                pass
+        return None
+
+    def _on_set_vring_addr(self, msg):
+        addr = msg.payload
+        v = self._vring(addr.index)
+        if self._runs(v):
+            # QEMU re-sends addresses with the LOG flag when migration starts:
+            # the rings do not move, only the logging of the used ring changes.
+            if v.addr is not None and (addr.desc, addr.avail, addr.used) == (v.addr.desc, v.addr.avail, v.addr.used):
+                v.addr = addr
+                return None
+            raise Refused(f"vring {v.index}: ring addresses change while the VF runs it")
+        gpas = None
+        if self.memory is not None and v.num:
+            gpas = self._translate(v, addr, v.num)
+        if addr.flags & p.VRING_F_LOG and self.log_mapping is not None and v.num:
+            end = addr.log + 6 + 8 * v.num
+            if end > self.log_mapping.log.pages * 4096:
+                raise Refused(f"vring {v.index}: used-ring log address {addr.log:#x} lies past the log")
+        v.addr, v.gpas = addr, gpas
+        return None
+
+    def _on_set_vring_base(self, msg):
+        v = self._vring(msg.payload.index)
+        base = msg.payload.num
+        if base > 0xFFFF:
+            raise Refused(f"vring {v.index}: base {base:#x} does not fit a split ring's 16-bit index")
+        self._not_while_running(v, "set base")
+        v.last_avail = v.last_used = base
+        return None
+
+    def _on_get_vring_base(self, msg):
+        v = self._vring(msg.payload.index)
+        # Stopping the VF saves every ring's state into self.vrings.
+        self._close_device()
+        for fd_name in ("kick_fd", "call_fd"):
+            fd = getattr(v, fd_name)
+            if fd >= 0:
+                os.close(fd)
+            setattr(v, fd_name, -1)
+        v.kick_set = v.call_set = False
+        log.info("%s: GET_VRING_BASE %d -> %d", self.name, v.index, v.last_avail)
+        return p.VringState(v.index, v.last_avail)
+
+    def _set_vring_fd(self, msg, attr: str, flag: str | None):
+        v = self._vring(msg.payload.index)
+        new_fd = msg.fds[0] if msg.fds else -1
+        old = getattr(v, attr)
+        setattr(v, attr, new_fd)
+        if flag:
+            setattr(v, flag, True)
+        if old >= 0:
+            os.close(old)
+        return v
+
+    def _on_set_vring_kick(self, msg):
+        v = self._set_vring_fd(msg, "kick_fd", "kick_set")
+        if not self.features >> p.F_PROTOCOL_FEATURES & 1:
+            v.enabled = True  # "a kick starts the ring" without protocol features
+        if self.configured:
+            self._refresh(v)
+        return None
+
+    def _on_set_vring_call(self, msg):
+        v = self._set_vring_fd(msg, "call_fd", "call_set")
+        if self.configured:
+            self._refresh(v)
+        return None
+
+    def _on_set_vring_err(self, msg):
+        self._set_vring_fd(msg, "err_fd", None)
+        return None
+
+    def _refresh(self, v: VringSetup) -> None:
+        """A kick or call fd changed under a running VF: re-route it."""
+        if not self._runs(v):
+            return
+        try:
+            self.driver.vring_fds_changed(self)
+        except VdpaError as err:
+            log.error("%s: vring %d: %s", self.name, v.index, err)
+
+    def _start_late_vrings(self) -> None:
+        """Enabled vrings whose set-up completed after dev_conf join the running VF."""
+        if not self.configured:
+            return
+        for v in self.vrings:
+            if v.enabled and self._ready(v) and not self._runs(v):
+                try:
+                    self.driver.set_vring_state(v.index, True)
+                except VdpaError as err:
+                    log.error("%s: vring %d: %s", self.name, v.index, err)
+
+    def _on_set_vring_enable(self, msg):
+        v = self._vring(msg.payload.index)
+        enable = bool(msg.payload.num)
+        if self.configured and enable != self._runs(v) and (self._ready(v, if_enabled=True) or not enable):
+            try:
+                self.driver.set_vring_state(v.index, enable)
+            except VdpaError as err:
+                raise Refused(str(err)) from None
+        v.enabled = enable
+        return None
+
+    # --- teardown ------------------------------------------------------------------------
+    def close(self) -> None:
+        """The connection is gone: stop the VF, release everything."""
+        self._close_device()
+        for v in self.vrings:
+            v.close_fds()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.log_mapping is not None:
+            self.log_mapping.close()
+            self.log_mapping = None
+        if self.backend_sock is not None:
+            self.backend_sock.close()
+            self.backend_sock = None
