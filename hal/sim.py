@@ -67,6 +67,9 @@ class SimFunction(PciFunction):
             if size:
                 self._regions[bar] = SimRegion(self, bar, size)
         self._mappings: dict[int, int] = {}
+        # Memory decoding and bus mastering on, as VFIO users (DPDK) set them
+        # when they take the function.
+        self.model.config_write(0x04, 2, self.model.config_read(0x04, 2) | 0x6)
         self._msix = self._find_msix()
         self.wakeup_cycles = self.world.cycles(wakeup_ns)
         self._pollers: dict[int, _PollerRun] = {}

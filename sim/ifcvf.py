@@ -135,8 +135,8 @@ class IfcvfFunction:
         }
         for ring in ("desc", "avail", "used"):
             for half in ("lo", "hi"):
-                name = f"queue_{ring}_{half}"
-                self._writers[name] = lambda value, name=name: self._write_address(name, value)
+                reg = f"queue_{ring}_{half}"
+                self._writers[reg] = lambda value, reg=reg: self._write_address(reg, value)
 
         self._decoders: dict[int, list[tuple[Region, Callable, Callable]]] = {}
         self._route(lay.common, self._common_read, self._common_write)
@@ -176,7 +176,9 @@ class IfcvfFunction:
             return
         self.bar_write(bar, offset, width, value)
 
-    # BarAccess for the PCI-cfg window: BAR accesses that bypass memory decode.
+    # BarAccess for the PCI-cfg window (and tests): a BAR access without the
+    # memory-decode gate and without the caller-bug checks; the caller has
+    # validated bar, offset and width.
     def bar_read(self, bar: int, offset: int, width: int) -> int:
         decoded = self._decode(bar, offset)
         if decoded is None:

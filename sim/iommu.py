@@ -18,8 +18,10 @@ IOMMU_PAGE = 0x1000
 IOVA_LIMIT = 1 << 48  # 48-bit input address width, as VT-d second-level tables
 
 
-class IommuError(Exception):
-    """A map or unmap request the domain refuses; nothing was changed."""
+class IommuError(ValueError):
+    """A map or unmap request the domain refuses; nothing was changed.
+
+    A ValueError: the request carries a bad argument (hal/sim.py relies on it)."""
 
 
 @dataclass(frozen=True)

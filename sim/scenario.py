@@ -155,7 +155,7 @@ def device_config(device: dict):
 
     settings = dict(device)
     if settings.pop("layout", "ifcvf") == "qemu":
-        return dataclasses.replace(IfcvfConfig.qemu_virtio_net(), **settings)
+        return IfcvfConfig.qemu_virtio_net(**settings)
     return IfcvfConfig(**settings)
 
 

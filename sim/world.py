@@ -107,6 +107,10 @@ class World:
                 "data-path actors must yield events, not block")
         if cycle > self.env.now:
             self.env.run(until=cycle)
+        # simpy stops *before* events due at ``until``; the control plane means
+        # "everything up to and including this cycle has happened".
+        while self.env.peek() == cycle:
+            self.env.step()
 
     def advance(self, cycles: int) -> None:
         self.run_until(self.now + max(0, cycles))

@@ -10,8 +10,7 @@ sizes and vectors, the MQ register and ring-state words as the LM rules say.
 import os
 
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from sim.config import IfcvfConfig
 from sim.ifcvf import IfcvfFunction
