@@ -20,8 +20,9 @@ class Served:
 
     def __init__(self, *args):
         self.proc = subprocess.Popen([sys.executable, "-m", "ifcvf", "-v", "serve", *args],
-                                     stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
         self.lines: list[str] = []
+        self._partial = b""
 
     def wait_for(self, text: str, timeout: float = TIMEOUT) -> str:
         deadline = time.monotonic() + timeout
@@ -33,11 +34,12 @@ class Served:
             left = deadline - time.monotonic()
             if left <= 0 or self.proc.poll() is not None:
                 raise AssertionError(f"no {text!r} from ifcvf serve; saw: {self.lines}")
+            # Raw reads: a buffered readline() would hide lines from select().
             ready, _, _ = select.select([self.proc.stderr], [], [], left)
             if ready:
-                line = self.proc.stderr.readline()
-                if line:
-                    self.lines.append(line.rstrip("\n"))
+                chunk = os.read(self.proc.stderr.fileno(), 65536)
+                *complete, self._partial = (self._partial + chunk).split(b"\n")
+                self.lines += [line.decode(errors="replace") for line in complete]
 
     def stop(self) -> int:
         if self.proc.poll() is None:
