@@ -5,11 +5,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include "ifcvf_native.h"
-
-static inline void or_byte(uint8_t *p, uint8_t mask)
-{
-    __atomic_fetch_or(p, mask, __ATOMIC_RELAXED);
-}
+#include "logbits.h"
 
 int ifc_log_mark(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len)
 {
@@ -26,24 +22,7 @@ int ifc_log_mark(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len)
         return IFC_ERR_RANGE;
 
     __atomic_thread_fence(__ATOMIC_RELEASE);
-
-    uint64_t byte = first_page >> 3, last_byte = last_page >> 3;
-    uint8_t lo = (uint8_t)(0xffu << (first_page & 7));
-    uint8_t hi = (uint8_t)(0xffu >> (7 - (last_page & 7)));
-    if (byte == last_byte) {
-        or_byte(log + byte, lo & hi);
-        return IFC_OK;
-    }
-    or_byte(log + byte, lo);
-    /* Whole bytes in between: OR with 0xff, a byte at a time until 8-aligned,
-     * then 64-bit words (large buffers, e.g. 64 KiB TSO frames, span many). */
-    for (byte++; byte < last_byte && ((uintptr_t)(log + byte) & 7); byte++)
-        or_byte(log + byte, 0xff);
-    for (; byte + 8 <= last_byte; byte += 8)
-        __atomic_fetch_or((uint64_t *)(void *)(log + byte), UINT64_MAX, __ATOMIC_RELAXED);
-    for (; byte < last_byte; byte++)
-        or_byte(log + byte, 0xff);
-    or_byte(log + last_byte, hi);
+    ifc_log_set_pages(log, first_page, last_page);
     return IFC_OK;
 }
 

@@ -1,6 +1,8 @@
 /* The C surface of ifcvf, shared by the C sources and the cffi cdef.
  * build_native.py feeds this file to cffi's cdef with every preprocessor line
  * except plain integer #defines removed, so keep declarations cdef-clean. */
+#ifndef IFCVF_NATIVE_H
+#define IFCVF_NATIVE_H
 
 /* Errors are negative; 0 or a count means success. */
 #define IFC_OK 0
@@ -22,3 +24,688 @@ int ifc_log_mark(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len);
  * shorter than 8 bytes is exchanged bytewise.  Returns the number of set bits
  * fetched, or IFC_ERR_ARG. */
 int64_t ifc_log_fetch_clear(uint8_t *log, uint64_t log_size, uint8_t *out);
+
+/* ==========================================================================
+ * Guest side of the simulated datapath (sim/traffic.py, sim/guest.py).
+ * Sources: csrc/guest_frames.c (test frames, checker), csrc/guest_ring.c
+ * (a guest virtio-net driver's split-ring work).  Every function works on a
+ * whole batch so Python crosses into C once per wake-up, never per frame.
+ * Virtio rings are little-endian; these run on little-endian hosts only.
+ * ========================================================================== */
+#define IFC_GERR_ARG -101        /* a bad argument: NULL, a frame too short or too long */
+#define IFC_GERR_RING -102       /* the device wrote what a driver must refuse; see ifc_gvq.error */
+
+/* A test frame: dst MAC, src MAC, ethertype 0x88B5 (big-endian), then the
+ * test header (little-endian): magic u32, flow u32, seq u64, length u32 (the
+ * frame's own length, without FCS), then a payload derived from (flow, seq). */
+#define IFC_TF_HDR_LEN 34
+#define IFC_TF_ETHERTYPE 0x88B5
+#define IFC_TF_MAGIC 0x46434649
+
+/* Why a frame failed its check (ifc_check_stats.last_bad_reason). */
+#define IFC_TF_OK 0
+#define IFC_TF_RUNT 1            /* shorter than the headers */
+#define IFC_TF_NOT_TEST 2        /* wrong ethertype or magic */
+#define IFC_TF_BAD_LENGTH 3      /* the length field disagrees with the frame's length */
+#define IFC_TF_BAD_FLOW 4        /* flow outside the checker's range */
+#define IFC_TF_BAD_PAYLOAD 5     /* payload differs from the pattern of (flow, seq) */
+
+/* A frame source: flows taken round robin (flow_run frames each), frame
+ * lengths cycled from a table, one sequence counter per flow. */
+typedef struct ifc_stream {
+    uint8_t macs[12];            /* destination then source MAC */
+    uint32_t flow_base;          /* flow ids are flow_base + 0 .. nflows - 1 */
+    uint32_t nflows;
+    uint32_t flow_run;           /* consecutive frames per flow (>= 1) */
+    uint32_t flow_cursor;        /* index of the current flow */
+    uint32_t run_pos;            /* frames of the current flow's run produced so far */
+    uint64_t *seq;               /* nflows next sequence numbers */
+    const uint32_t *sizes;       /* frame lengths in buffer bytes (no FCS), cycled */
+    uint32_t nsizes;
+    uint32_t size_cursor;
+    uint64_t frames;             /* frames produced */
+    uint64_t bytes;              /* buffer bytes produced */
+} ifc_stream;
+
+typedef struct ifc_flow {
+    uint64_t next;               /* highest sequence number received + 1 */
+    uint64_t seen;               /* bit i: sequence number next - 1 - i was received */
+} ifc_flow;
+
+typedef struct ifc_checker {
+    uint32_t flow_base;
+    uint32_t nflows;
+    ifc_flow *flows;             /* nflows entries, zeroed at start */
+} ifc_checker;
+
+typedef struct ifc_check_stats {
+    uint64_t frames;             /* frames checked */
+    uint64_t bytes;              /* their buffer bytes */
+    uint64_t good;               /* frames that passed every check */
+    uint64_t corrupted;          /* frames that failed one (the next five split it) */
+    uint64_t runt;
+    uint64_t not_test;
+    uint64_t bad_length;
+    uint64_t bad_flow;
+    uint64_t bad_payload;
+    uint64_t in_order;           /* good frames above every earlier one of their flow */
+    uint64_t out_of_order;       /* good frames that filled an earlier gap */
+    uint64_t duplicates;         /* good frames whose sequence number was already received */
+    uint64_t stale;              /* good frames more than 64 behind: late or duplicate */
+    int64_t lost;                /* sequence numbers skipped and not (yet) filled */
+    uint64_t last_bad_seq;
+    uint32_t last_bad_flow;
+    uint32_t last_bad_reason;    /* IFC_TF_* of the last failed frame */
+} ifc_check_stats;
+
+/* One frame of length len at frame (len >= IFC_TF_HDR_LEN). */
+void ifc_frame_fill(uint8_t *frame, uint32_t len, const uint8_t *macs, uint32_t flow, uint64_t seq);
+/* IFC_TF_OK or why the frame is not the intact test frame it claims to be;
+ * flow and seq (may be NULL) get the header's values. */
+int ifc_frame_check(const uint8_t *frame, uint32_t len, uint32_t *flow, uint64_t *seq);
+/* Buffer bytes of the next n frames of s (nothing is consumed). */
+uint64_t ifc_stream_peek_bytes(const ifc_stream *s, uint32_t n);
+/* The next n frames of s back to back in data (cap bytes); lengths[i] gets
+ * each length.  Returns the frames written (fewer if cap runs out) or an error. */
+int64_t ifc_stream_fill(ifc_stream *s, uint8_t *data, uint64_t cap, uint32_t *lengths, uint32_t n);
+/* Check n frames back to back in data (size bytes), updating flows and stats.
+ * Returns the frames that failed, or IFC_GERR_ARG. */
+int64_t ifc_frames_check(const uint8_t *data, uint64_t size, const uint32_t *lengths, uint32_t n,
+                         ifc_checker *ck, ifc_check_stats *st);
+
+/* One virtqueue as the guest driver sees it.  Everything the guest must find
+ * again after a migration (shadow avail index, last used index, free buffers,
+ * per-flow TX sequence numbers) lives in guest RAM in the private block at
+ * priv; this struct holds only addresses and host-side counters. */
+#define IFC_GVQ_F_MRG 1          /* VIRTIO_NET_F_MRG_RXBUF: RX frames may span buffers */
+#define IFC_GVQ_F_EVENT_IDX 2    /* VIRTIO_F_EVENT_IDX */
+#define IFC_GVQ_F_TX_SPLIT 4     /* TX chains: header descriptor -> data descriptor */
+#define IFC_GVQ_F_TX_INDIRECT 8  /* TX chains: one INDIRECT descriptor -> table (header, data) */
+
+#define IFC_GVQ_E_ID 1           /* used id outside the ring, or not a chain head */
+#define IFC_GVQ_E_NOT_POSTED 2   /* used id names a buffer the device does not hold */
+#define IFC_GVQ_E_LEN 3          /* used length beyond the buffer or below the net header */
+#define IFC_GVQ_E_NUM_BUFFERS 4  /* num_buffers 0, or > 1 without MRG_RXBUF */
+#define IFC_GVQ_E_PARTIAL 5      /* num_buffers more than the used entries published */
+#define IFC_GVQ_E_TOO_LONG 6     /* a merged frame longer than the scratch buffer */
+#define IFC_GVQ_E_USED_IDX 7     /* used idx more than the ring size ahead */
+#define IFC_GVQ_E_PRIV 8         /* the private block in guest RAM is corrupt (a bad migration) */
+
+typedef struct ifc_gvq {
+    uint8_t *mem;                /* guest RAM: GPA 0 is mem[0] */
+    uint64_t mem_size;
+    uint64_t desc;               /* ring GPAs */
+    uint64_t avail;
+    uint64_t used;
+    uint64_t priv;               /* GPA of the driver-private block (ifc_gvq_priv_size bytes) */
+    uint64_t bufs;               /* GPA of buffer 0; buffer i at bufs + i * buf_size */
+    uint64_t hdrs;               /* TX split/indirect: net header i at hdrs + 16 * i */
+    uint64_t tables;             /* TX indirect: table i (2 descriptors) at tables + 32 * i */
+    uint8_t *scratch;            /* RX: where frames merged over buffers are gathered */
+    uint32_t scratch_size;
+    uint32_t size;               /* ring entries, a power of two */
+    uint32_t nslots;             /* buffers: size, or size / 2 with TX_SPLIT */
+    uint32_t buf_size;
+    uint32_t hdr_len;            /* virtio-net header: 12 or 10 */
+    uint32_t flags;              /* IFC_GVQ_F_* */
+    uint32_t error;              /* first IFC_GVQ_E_*, 0 while healthy (then every call fails) */
+    uint32_t error_value;        /* the offending id, length or index */
+    uint16_t kick_old;           /* avail idx at the last kick decision */
+    uint16_t reserved;
+    uint32_t last_entries;       /* used entries the last ifc_gvq_rx consumed */
+    uint64_t completed;          /* used entries consumed, all time */
+    uint64_t made_available;     /* chains posted, all time */
+} ifc_gvq;
+
+/* Bytes of the private block for nslots buffers (a multiple of 64). */
+uint64_t ifc_gvq_priv_size(uint32_t nslots);
+/* Check q's addresses against mem_size; with fresh != 0 also write a fresh
+ * private block (every buffer free, indexes 0) and clear the ring headers. */
+int ifc_gvq_init(ifc_gvq *q, int fresh);
+/* Start every index of a fresh queue (nothing posted yet) at idx instead of
+ * 0, as a ring restored after a migration would be; IFC_GERR_ARG otherwise. */
+int ifc_gvq_rebase(ifc_gvq *q, uint16_t idx);
+/* RX: consume up to budget frames from the used ring and check each one.
+ * Returns frames consumed or IFC_GERR_RING. */
+int64_t ifc_gvq_rx(ifc_gvq *q, uint32_t budget, ifc_checker *ck, ifc_check_stats *st);
+/* RX: make up to max free buffers available (avail->idx is not published). */
+int64_t ifc_gvq_refill(ifc_gvq *q, uint32_t max);
+/* TX: take back every completed chain.  Returns chains reclaimed or IFC_GERR_RING. */
+int64_t ifc_gvq_tx_reclaim(ifc_gvq *q);
+/* TX: write up to max frames of s into free buffers and post their chains
+ * (avail->idx is not published).  Returns frames posted or an error. */
+int64_t ifc_gvq_tx_post(ifc_gvq *q, uint32_t max, ifc_stream *s);
+/* Publish the shadow avail index; 1 when the device asked to be kicked for it. */
+int ifc_gvq_publish(ifc_gvq *q);
+/* Ask for an interrupt once more than delay further used entries exist;
+ * 1 when that is already so (the caller polls again instead of sleeping). */
+int ifc_gvq_enable_cb(ifc_gvq *q, uint32_t delay);
+void ifc_gvq_disable_cb(ifc_gvq *q);
+/* Used entries the device published that the guest has not consumed. */
+uint32_t ifc_gvq_pending(const ifc_gvq *q);
+/* Chains the guest posted that the device has not completed (buffers in flight). */
+uint32_t ifc_gvq_in_flight(const ifc_gvq *q);
+
+/* ------------------------------------------------------------------------
+ * Guest memory table (csrc/memtable.c)
+ *
+ * Guest-physical addresses (GPAs) from rings and descriptors are only ever
+ * used after translation through this table: a range is valid when it lies
+ * entirely inside one region.  ifc_mem_table_check is what every consumer
+ * calls on a table before trusting it: nregions <= 8, every region non-empty,
+ * gpa + size and hva + size do not wrap, hva != 0, and no two regions overlap
+ * in GPA space (so a GPA has exactly one host address).
+ * ------------------------------------------------------------------------ */
+#define IFC_MEM_MAX_REGIONS 8
+
+#define IFC_ERR_RING -3       /* guest ring contents break the split-ring rules */
+#define IFC_ERR_MEM -4        /* a guest range lies outside the memory table */
+#define IFC_ERR_SYS -5        /* a system call failed (errno in the context) */
+#define IFC_ERR_BUSY -6       /* already running / stepping concurrently */
+
+struct ifc_mem_region {
+    uint64_t gpa;     /* guest-physical start */
+    uint64_t size;    /* bytes */
+    uint64_t hva;     /* host address of gpa */
+};
+
+struct ifc_mem_table {
+    uint32_t nregions;
+    uint32_t reserved;
+    struct ifc_mem_region regions[8];   /* IFC_MEM_MAX_REGIONS */
+};
+
+/* IFC_OK, or IFC_ERR_ARG for a table that breaks a rule above. */
+int ifc_mem_table_check(const struct ifc_mem_table *mem);
+
+/* ------------------------------------------------------------------------
+ * Used-ring relay for SW-assisted live migration (csrc/relay.c)
+ *
+ * The device writes used elements into a mediated split ring owned by the
+ * driver; ifc_relay_used copies them to the guest's used ring and logs every
+ * device-writable buffer of each relayed chain in the vhost dirty log.
+ *
+ * One call (ifc_relay_used), precisely:
+ *  0. n = (u16)(mediated used->idx [acquire] - last).  n > size: error
+ *     USED_IDX.  Entries last, last+1, ... are examined in order; the call
+ *     stops before entry k when k == max_entries (max_entries 0 = no limit) or
+ *     when entry k is valid but its writable descriptors would bring the
+ *     call's total above cfg.capacity (entries past a stop are not examined).
+ *  1. Validate each entry (slot = idx & (size-1)), reading guest memory once:
+ *     id = element id, id >= size: DESC_ID.  Walk the chain from desc[id]
+ *     with a limit of n_max = size descriptors; for each descriptor, in order:
+ *       - visiting more than n_max descriptors: LOOP (the chain loops);
+ *       - INDIRECT: inside an indirect table: INDIRECT_NESTED; not the head
+ *         of the ring chain: INDIRECT_POS; with NEXT: INDIRECT_NEXT;
+ *         len == 0, len % 16 or len / 16 > size: INDIRECT_LEN; [addr, addr+len)
+ *         not inside one region: INDIRECT_ADDR; else walk that table from
+ *         entry 0 with n_max = len / 16 and stop (the WRITE flag of the
+ *         INDIRECT descriptor itself is ignored, as the spec requires);
+ *       - WRITE and len > 0: [addr, addr+len) must lie inside one region
+ *         (BUF_ADDR) and, when a log is set, its last page inside the log
+ *         (BUF_LOG).  Read-only and zero-length buffers are not checked:
+ *         the relay neither reads nor logs them;
+ *       - NEXT: next >= n_max: NEXT; else continue at next.
+ *  2. Any error: nothing is written anywhere (no guest byte, no log bit, no
+ *     mediated byte, last unchanged), res describes it, the return value is
+ *     IFC_ERR_RING / IFC_ERR_MEM / IFC_ERR_RANGE (see the reason list).
+ *  3. Commit (only if count > 0), from the values read in step 1:
+ *     release fence; set the log bits of every writable buffer (atomic OR);
+ *     copy the count elements (id, len) from the mediated to the guest used
+ *     ring; guest used->flags = mediated used->flags; with EVENT_IDX guest
+ *     avail_event (used->ring[size]) = mediated avail_event; store guest
+ *     used->idx = last + count with release ordering; with LOG_USED set the
+ *     log bits of the used-ring bytes written (flags+idx, the element slots,
+ *     avail_event with EVENT_IDX) at used_log_gpa + offset; with EVENT_IDX
+ *     the mediated used_event (mediated avail->ring[size]) = last + count;
+ *     full fence; last += count.
+ *  4. res->signal (count > 0 only): with EVENT_IDX, the guest's used_event
+ *     (guest avail->ring[size], read after the full fence) lies in [old, new)
+ *     (virtio's vring_need_event); else the guest avail->flags lack
+ *     NO_INTERRUPT.
+ *     res->more: mediated used->idx (re-read) != last, i.e. call again.
+ * Returns count (>= 0) or a negative error.  Calls on one queue are
+ * serialised by a spin lock in the queue, so a catch-up from another thread
+ * is safe while the notify loop runs.
+ * ------------------------------------------------------------------------ */
+#define IFC_VRING_DESC_F_NEXT 1
+#define IFC_VRING_DESC_F_WRITE 2
+#define IFC_VRING_DESC_F_INDIRECT 4
+#define IFC_VRING_AVAIL_F_NO_INTERRUPT 1
+#define IFC_VRING_MAX_SIZE 32768
+
+#define IFC_RELAY_F_EVENT_IDX 1   /* VIRTIO_RING_F_EVENT_IDX negotiated */
+#define IFC_RELAY_F_LOG_USED 2    /* VHOST_VRING_F_LOG: log used-ring writes */
+
+/* Reasons (res->reason).  For per-call reasons err_idx is the failing entry's
+ * used index and err_desc the descriptor (in the ring, or err_indirect: in the
+ * indirect table) being examined; err_value is: USED_IDX the mediated index
+ * read (err_idx = last), DESC_ID the id, NEXT the next field, LOOP the table
+ * size (err_desc = the descriptor it would visit next), INDIRECT_NEXT/NESTED/
+ * POS the flags, INDIRECT_LEN the length, INDIRECT_ADDR and BUF_* the address
+ * (err_len the length).  Set-up reasons give the offending address, size,
+ * capacity or region count.  Per-call reasons, with the return code: */
+#define IFC_RELAY_E_NONE 0
+#define IFC_RELAY_E_USED_IDX 1         /* RING: mediated used->idx > size ahead */
+#define IFC_RELAY_E_DESC_ID 2          /* RING: used element id >= size */
+#define IFC_RELAY_E_NEXT 3             /* RING: next >= table size */
+#define IFC_RELAY_E_LOOP 4             /* RING: chain longer than its table */
+#define IFC_RELAY_E_INDIRECT_NEXT 5    /* RING: INDIRECT together with NEXT */
+#define IFC_RELAY_E_INDIRECT_NESTED 6  /* RING: INDIRECT inside an indirect table */
+#define IFC_RELAY_E_INDIRECT_POS 7     /* RING: INDIRECT not at the chain head */
+#define IFC_RELAY_E_INDIRECT_LEN 8     /* RING: indirect len 0, % 16 or > 16*size */
+#define IFC_RELAY_E_INDIRECT_ADDR 9    /* MEM: indirect table outside guest memory */
+#define IFC_RELAY_E_BUF_ADDR 10        /* MEM: writable buffer outside guest memory */
+#define IFC_RELAY_E_BUF_LOG 11         /* RANGE: writable buffer past the log */
+/* Set-up reasons (ifc_relay_queue_init / _set_log): */
+#define IFC_RELAY_E_SIZE 12            /* ARG: size not a power of two in 1..32768 */
+#define IFC_RELAY_E_MEM_TABLE 13       /* ARG: memory table fails ifc_mem_table_check */
+#define IFC_RELAY_E_DESC_ADDR 14       /* MEM: desc table (16*size) outside memory */
+#define IFC_RELAY_E_AVAIL_ADDR 15      /* MEM: avail ring (6+2*size) outside memory */
+#define IFC_RELAY_E_USED_ADDR 16       /* MEM: used ring (6+8*size) outside memory */
+#define IFC_RELAY_E_ALIGN 17           /* ARG: a ring misaligned (16/2/4, GPA or host) */
+#define IFC_RELAY_E_USED_LOG 18        /* RANGE: used ring log range past the log */
+#define IFC_RELAY_E_CAPACITY 19        /* ARG: capacity < size or no scratch */
+#define IFC_RELAY_E_MEDIATED 20        /* ARG: mediated ring pointer NULL/misaligned */
+#define IFC_RELAY_E_NOT_READY 21       /* ARG: queue not initialised / NULL result */
+#define IFC_RELAY_E_COUNT 22
+
+/* One log range of the validate pass: guest pages first..last inclusive. */
+struct ifc_relay_range {
+    uint64_t first_page;
+    uint64_t last_page;
+};
+
+struct ifc_relay_config {
+    uint32_t size;            /* ring size, power of two <= 32768 */
+    uint32_t flags;           /* IFC_RELAY_F_* */
+    uint64_t desc_gpa;        /* guest desc table (16-aligned) */
+    uint64_t avail_gpa;       /* guest avail ring (2-aligned) */
+    uint64_t used_gpa;        /* guest used ring (4-aligned) */
+    uint64_t used_log_gpa;    /* LOG_USED: log address of the guest used ring */
+    uint64_t m_avail;         /* host address of the mediated avail ring */
+    uint64_t m_used;          /* host address of the mediated used ring */
+    uint8_t *log;             /* vhost log, NULL: no logging */
+    uint64_t log_size;        /* bytes */
+    struct ifc_relay_range *scratch;  /* capacity entries, owned by the caller */
+    uint32_t capacity;        /* writable descriptors per call, >= size */
+    uint16_t last_idx;        /* first used index to relay (the vring base) */
+    uint16_t reserved;
+};
+
+struct ifc_relay_result {
+    int32_t rc;               /* the return value */
+    uint32_t count;           /* entries relayed */
+    uint16_t old_idx;         /* last before the call */
+    uint16_t new_idx;         /* last after it */
+    uint8_t signal;           /* the guest asked for an interrupt */
+    uint8_t more;             /* entries remain: call again */
+    uint8_t err_indirect;     /* err_desc indexes an indirect table */
+    uint8_t reserved;
+    uint32_t reason;          /* IFC_RELAY_E_* */
+    uint16_t err_idx;         /* free-running used index of the failing entry */
+    uint16_t reserved2;
+    uint32_t err_desc;        /* descriptor index of the failure in its table */
+    uint32_t err_len;         /* len of the failing descriptor, if relevant */
+    uint64_t err_value;       /* the offending value (id, next, flags, len, addr) */
+};
+
+struct ifc_relay_queue {
+    struct ifc_relay_config cfg;
+    struct ifc_mem_table mem;   /* a checked copy */
+    uint8_t *desc;              /* host addresses of the guest rings */
+    uint8_t *avail;
+    uint8_t *used;
+    uint64_t log_pages;         /* pages the log covers (log_size * 8) */
+    uint64_t relayed;           /* entries relayed, all calls */
+    uint64_t calls;             /* calls that relayed something */
+    uint32_t lock;              /* spin lock serialising calls */
+    uint16_t last;              /* next used index to relay */
+    uint16_t ready;             /* set by a successful init */
+};
+
+/* Validate cfg and mem (translating the guest rings), copy them into q and
+ * make it ready; with EVENT_IDX also set the mediated used_event = last_idx
+ * so the device interrupts at its first entry.  IFC_OK, or a negative code
+ * with res describing the reason (q is then not ready). */
+int ifc_relay_queue_init(struct ifc_relay_queue *q, const struct ifc_relay_config *cfg,
+                         const struct ifc_mem_table *mem, struct ifc_relay_result *res);
+
+/* Replace the log (NULL: stop logging) and the LOG_USED setting; checked like
+ * init (USED_LOG); on error the queue keeps its old log. */
+int ifc_relay_queue_set_log(struct ifc_relay_queue *q, uint8_t *log, uint64_t log_size,
+                            uint32_t log_used, uint64_t used_log_gpa,
+                            struct ifc_relay_result *res);
+
+/* Relay up to max_entries (0: all) used entries; see the semantics above. */
+int ifc_relay_used(struct ifc_relay_queue *q, uint32_t max_entries, struct ifc_relay_result *res);
+
+/* A static string for a reason code ("unknown reason" past the table). */
+const char *ifc_relay_reason_text(uint32_t reason);
+
+/* ------------------------------------------------------------------------
+ * Notify relay (csrc/notify.c): one epoll loop over the kick eventfds of the
+ * queues and the interrupt eventfds of the relayed queues.
+ *   kick:      drain the eventfd (8-byte read), then write the queue index to
+ *              the doorbell with one 16-bit volatile store; doorbell 0 means
+ *              "record it" (a KICK_FORWARD event for Python, step mode only).
+ *   interrupt: drain, relay used entries (up to 16 calls while `more`, then
+ *              re-signal the interrupt fd so the loop comes back), and write
+ *              1 to the guest call fd when the guest asked for it.  A relay
+ *              error marks the queue broken (its error kept) and the queue is
+ *              not relayed again; its interrupts are still drained.
+ * Run blocks in epoll_wait until ifc_notify_stop (a stop eventfd): it then
+ * finishes the batch of ready fds it woke up with (at most 64, so every fd
+ * signalled before the stop is handled) and returns.  Step polls once with
+ * timeout 0 and reports what it did as events.  Run and step refuse to run
+ * concurrently (IFC_ERR_BUSY); catch-up may run alongside either.
+ * ------------------------------------------------------------------------ */
+#define IFC_NOTIFY_EV_KICK 1          /* doorbell written */
+#define IFC_NOTIFY_EV_KICK_FORWARD 2  /* doorbell 0: caller must ring it */
+#define IFC_NOTIFY_EV_RELAY 3         /* count = entries relayed */
+#define IFC_NOTIFY_EV_SIGNAL 4        /* guest call fd written (fd = that fd) */
+#define IFC_NOTIFY_EV_REARM 5         /* interrupt fd re-signalled (fd = it) */
+#define IFC_NOTIFY_EV_BROKEN 6        /* relay failed now; see the queue error */
+#define IFC_NOTIFY_EVENTS_PER_FD 3    /* at most this many events per fd event */
+#define IFC_NOTIFY_MAX_QUEUES 256
+
+struct ifc_notify_queue {
+    int32_t kick_fd;          /* guest kick eventfd, -1: none */
+    int32_t intr_fd;          /* device interrupt eventfd (relayed queues), -1: none */
+    int32_t call_fd;          /* guest call eventfd, -1: none */
+    uint32_t reserved;
+    uint64_t doorbell;        /* host address of the 16-bit doorbell, 0: forward */
+    struct ifc_relay_queue *relay;    /* NULL: not relayed */
+    uint64_t kicks;           /* kicks taken (doorbell written or forwarded) */
+    uint64_t interrupts;      /* device interrupts taken */
+    uint64_t relayed;         /* used entries relayed */
+    uint64_t signals;         /* guest call fd writes */
+    int32_t broken;           /* 0, or the relay error code */
+    uint32_t broken_claim;    /* first error wins */
+    struct ifc_relay_result error;    /* valid once broken != 0 */
+};
+
+struct ifc_notify_event {
+    uint32_t qid;
+    uint32_t kind;            /* IFC_NOTIFY_EV_* */
+    int32_t fd;               /* SIGNAL/REARM: the fd written; else -1 */
+    int32_t rc;               /* BROKEN: the error code */
+    uint64_t count;           /* RELAY: entries */
+};
+
+struct ifc_notify_ctx {
+    struct ifc_notify_queue *queues;  /* nqueues entries, owned by the caller */
+    uint32_t nqueues;
+    int32_t epfd;
+    int32_t stop_fd;
+    uint32_t busy;            /* run or step in progress */
+    int32_t sys_errno;        /* errno of the last IFC_ERR_SYS */
+    uint32_t reserved;
+    uint64_t wakeups;         /* epoll_wait returns with events */
+};
+
+/* Create the epoll set and the stop eventfd; fds are made O_NONBLOCK. */
+int ifc_notify_init(struct ifc_notify_ctx *ctx, struct ifc_notify_queue *queues, uint32_t nqueues);
+/* Loop until stopped; IFC_ERR_ARG if a queue has a kick fd but no doorbell. */
+int ifc_notify_run(struct ifc_notify_ctx *ctx);
+/* Ask run to return (async-signal-safe; works before run starts, too). */
+int ifc_notify_stop(struct ifc_notify_ctx *ctx);
+/* Handle what is pending without blocking; events out, returns how many. */
+int ifc_notify_step(struct ifc_notify_ctx *ctx, struct ifc_notify_event *out, uint32_t max_out);
+/* Relay queue qid now (as an interrupt would); events out as for step. */
+int ifc_notify_catch_up(struct ifc_notify_ctx *ctx, uint32_t qid,
+                        struct ifc_notify_event *out, uint32_t max_out);
+/* Close the epoll and stop fds (not the queue fds, which the caller owns). */
+void ifc_notify_close(struct ifc_notify_ctx *ctx);
+
+
+/* ==========================================================================
+ * Device side of the simulated datapath (sim/engines.py, sim/wire.py).
+ * Source: csrc/simdp.c.  One call per engine round (a batch of chains),
+ * never per frame.  Every guest address is an IOVA translated through the
+ * function's IOMMU segment table and bounds-checked; a chain is validated
+ * completely before anything is written for it.
+ * ========================================================================== */
+#define IFC_DP_ERR -201           /* the queue's rings break the rules: see ifc_dp_vq.error */
+
+/* ifc_dp_vq.flags: what the driver negotiated */
+#define IFC_DP_F_EVENT_IDX 1      /* VIRTIO_F_EVENT_IDX: used_event / avail_event */
+#define IFC_DP_F_INDIRECT 2       /* VIRTIO_F_INDIRECT_DESC */
+#define IFC_DP_F_MRG 4            /* VIRTIO_NET_F_MRG_RXBUF */
+
+#define IFC_DP_CPL_OVERHEAD 20    /* bytes of a completion TLP beyond its payload (framing 8 + header 12) */
+
+/* ifc_dp_vq.error: the first violation, kept; every later fetch/fill fails. */
+#define IFC_DP_E_NONE 0
+#define IFC_DP_E_SIZE 1               /* queue size not a power of two in 1..32768 */
+#define IFC_DP_E_RING_ALIGN 2         /* desc not 16-, avail not 2-, used not 4-aligned */
+#define IFC_DP_E_DESC_ADDR 3          /* descriptor table (16*size) not mapped; err_iova = first hole */
+#define IFC_DP_E_AVAIL_ADDR 4         /* avail ring (6+2*size) not mapped */
+#define IFC_DP_E_USED_ADDR 5          /* used ring (6+8*size) not mapped */
+#define IFC_DP_E_RING_SPLIT 6         /* a ring is mapped but spans two mappings (model limit) */
+#define IFC_DP_E_AVAIL_IDX 7          /* avail->idx more than size ahead of last_avail; value = idx */
+#define IFC_DP_E_HEAD_ID 8            /* avail entry (chain head) >= size; value = id */
+#define IFC_DP_E_NEXT 9               /* next >= table size; value = next */
+#define IFC_DP_E_LOOP 10              /* chain longer than its table: a loop */
+#define IFC_DP_E_INDIRECT_FEATURE 11  /* INDIRECT without VIRTIO_F_INDIRECT_DESC */
+#define IFC_DP_E_INDIRECT_NESTED 12   /* INDIRECT inside an indirect table */
+#define IFC_DP_E_INDIRECT_POS 13      /* INDIRECT not the chain head */
+#define IFC_DP_E_INDIRECT_NEXT 14     /* INDIRECT together with NEXT */
+#define IFC_DP_E_INDIRECT_LEN 15      /* table len 0, % 16, or more than size entries */
+#define IFC_DP_E_INDIRECT_ADDR 16     /* table not mapped; err_iova = first hole */
+#define IFC_DP_E_BUF_ADDR 17          /* buffer not mapped (or wraps); err_iova = first hole */
+#define IFC_DP_E_TX_WRITABLE 18       /* device-writable buffer in a TX chain */
+#define IFC_DP_E_RX_READONLY 19       /* device-readable buffer in an RX chain */
+#define IFC_DP_E_RX_SHORT 20          /* MRG_RXBUF buffer shorter than the net header */
+#define IFC_DP_E_COUNT 21
+
+/* One IOMMU mapping: [iova, iova + size) is host memory at host. */
+struct ifc_dp_seg {
+    uint64_t iova;
+    uint64_t size;
+    uint8_t *host;
+};
+
+/* The function's IOMMU domain: segments sorted by iova, not overlapping. */
+struct ifc_dp_mem {
+    struct ifc_dp_seg *segs;
+    uint32_t nsegs;
+    uint32_t reserved;
+};
+
+struct ifc_dp_buf {
+    uint64_t addr;
+    uint32_t len;
+    uint32_t reserved;
+};
+
+/* What one call did, for the PCIe timing model (counts add up over calls). */
+struct ifc_dp_round {
+    uint32_t chains;          /* avail entries consumed */
+    uint32_t frames;          /* TX: frames produced; RX: frames placed in buffers */
+    uint32_t dropped;         /* frames dropped (the next four split it) */
+    uint32_t runts;           /* TX: chain shorter than header + min_frame */
+    uint32_t oversize;        /* frame longer than max_frame */
+    uint32_t too_big;         /* RX without MRG_RXBUF: frame larger than the buffer chain */
+    uint32_t starved;         /* RX: stopped for lack of buffers */
+    uint32_t ring_reqs;       /* avail ring read requests (2 when the batch wraps) */
+    uint32_t ring_bytes;
+    uint32_t desc_levels;     /* dependent descriptor reads of the longest chain */
+    uint32_t desc_reqs;       /* descriptor / indirect table read requests (coalesced) */
+    uint32_t desc_cpls;       /* their completion TLPs */
+    uint64_t desc_bytes;
+    uint32_t data_reqs;       /* TX: read requests (MRRS); RX: write TLPs (MPS) */
+    uint32_t data_cpls;       /* TX: completion TLPs */
+    uint64_t data_bytes;      /* bytes read (TX, header included) or written (RX) */
+    uint64_t out_bytes;       /* TX: frame bytes produced */
+    uint64_t frame_bytes;     /* RX: frame bytes placed */
+    uint64_t in_bytes;        /* RX: bytes of the frames consumed (placed or dropped) */
+};
+
+/* One virtqueue as the device works it. */
+struct ifc_dp_vq {
+    struct ifc_dp_mem *mem;
+    uint64_t desc_iova;
+    uint64_t avail_iova;
+    uint64_t used_iova;
+    uint8_t *desc;            /* host addresses, set by ifc_dp_vq_bind */
+    uint8_t *avail;
+    uint8_t *used;
+    struct ifc_dp_buf *bufs;  /* scratch for one chain's buffers, bufs_cap >= size */
+    uint32_t bufs_cap;
+    uint32_t size;
+    uint32_t flags;           /* IFC_DP_F_* */
+    uint32_t hdr_len;         /* virtio-net header: 12 (VERSION_1 or MRG_RXBUF) or 10 */
+    uint32_t max_frame;       /* longest frame (buffer bytes, no FCS) accepted */
+    uint32_t min_frame;       /* TX: shorter chains (after the header) are runts */
+    uint32_t mps;             /* PCIe max payload size: write TLP split */
+    uint32_t mrrs;            /* max read request size: read request split */
+    uint32_t cpl_unit;        /* read completions split at this (MPS or RCB) */
+    uint16_t last_avail;      /* next avail entry to take */
+    uint16_t last_used;       /* used->idx as last published */
+    uint16_t avail_seen;      /* avail->idx read by the last fetch/fill */
+    uint16_t reserved;
+    uint32_t error;           /* IFC_DP_E_*, 0 while healthy */
+    uint32_t err_head;        /* chain head of the violation */
+    uint32_t err_desc;        /* descriptor index in its table */
+    uint32_t err_indirect;    /* 1: err_desc indexes an indirect table */
+    uint16_t err_idx;         /* free-running avail index of the chain */
+    uint16_t reserved2;
+    uint64_t err_value;       /* the offending value (id, next, flags, len, addr, idx) */
+    uint64_t err_iova;        /* memory errors: the first unmapped address */
+    uint64_t err_len;
+    /* descriptor-read coalescing state (private) */
+    uint64_t rd_start;
+    uint64_t rd_end;
+    uint32_t rd_len;
+    uint32_t rd_open;
+};
+
+/* Hardware dirty logging: bit p of the bitmap at IOVA [base, end) = guest page p. */
+struct ifc_dp_log {
+    uint64_t base;
+    uint64_t end;
+    uint32_t on;
+    uint32_t word_open;
+    uint64_t skip_threshold;  /* skip a mark when splitmix64(rng) >> 1 < this; 2^63 = all */
+    uint64_t rng;             /* splitmix64 state */
+    uint64_t *skipped;        /* pages whose mark was skipped (first skipped_cap kept) */
+    uint32_t skipped_cap;
+    uint32_t skipped_n;       /* skipped marks since the caller last reset it */
+    uint64_t marks;           /* page marks attempted */
+    uint64_t set;             /* bits set */
+    uint64_t skips;
+    uint64_t words;           /* distinct consecutive 8-byte log words written (PCIe cost) */
+    uint64_t last_word;
+    uint64_t range_faults;    /* pages beyond [base, end): not written */
+    uint64_t first_range_fault;
+    uint64_t unmapped_faults; /* log IOVA not mapped: not written */
+    uint64_t first_unmapped_fault;
+    uint64_t cache_iova;      /* last log segment (private) */
+    uint64_t cache_size;
+    uint8_t *cache_host;
+};
+
+/* Translate the rings of q (IOVAs, size, bufs set by the caller).
+ * IFC_OK, or IFC_DP_ERR with q->error set. */
+int ifc_dp_vq_bind(struct ifc_dp_vq *q);
+
+/* TX: take up to max_chains chains from the avail ring, validate each, and
+ * gather every frame (the bytes after the hdr_len-byte net header) back to
+ * back into out.  ids[k] gets the head of the k-th chain taken (all of them:
+ * dropped runts/oversize frames too, whose used len is 0); lengths[i] and
+ * cum[i] (downstream PCIe bytes including completion overhead up to the end
+ * of frame i) the i-th frame produced.  Returns the chains taken
+ * (q->last_avail moves by it); on a violation the chains before it are
+ * returned and q->error is set; IFC_DP_ERR if the queue had failed before. */
+int64_t ifc_dp_tx_fetch(struct ifc_dp_vq *q, uint32_t max_chains, uint8_t *out, uint64_t out_cap,
+                        uint32_t *lengths, uint32_t *ids, uint64_t *cum, struct ifc_dp_round *r);
+
+/* RX: place frames (back to back in data, nframes lengths) into chains from
+ * the avail ring: a 12- or 10-byte net header (all zero but num_buffers:
+ * 1, or the buffers used with MRG_RXBUF) then the frame.  Without MRG_RXBUF
+ * a frame bigger than its chain is dropped (too_big) and the chain kept for
+ * the next frame; with it a frame spans chains.  The used entries to publish
+ * go to ids/lens (capacity ids_cap).  Stops when frames run out, the ring
+ * has no buffer (starved), max_chains are taken (a frame first in the call
+ * may exceed it) or a violation is found (q->error; nothing written for that
+ * chain or the frame it was for).  Every written byte range's 4 KiB pages
+ * are marked in log (if on).  Returns the frames consumed (placed or dropped). */
+int64_t ifc_dp_rx_fill(struct ifc_dp_vq *q, const uint8_t *data, const uint32_t *lengths,
+                       uint32_t nframes, uint32_t max_chains, uint32_t *ids, uint32_t *lens,
+                       uint32_t ids_cap, struct ifc_dp_log *log, struct ifc_dp_round *r);
+
+/* Write n used elements, then used->idx (release); returns 1 when the driver
+ * wants an interrupt for them (EVENT_IDX: vring_need_event(used_event, new,
+ * old); else avail->flags lacks NO_INTERRUPT), 0 if not, or an error. */
+int ifc_dp_publish(struct ifc_dp_vq *q, const uint32_t *ids, const uint32_t *lens, uint32_t n);
+
+/* The engine goes idle: ask for kicks (EVENT_IDX: avail_event = last_avail;
+ * else used->flags = 0) and re-check; 1 when avail has entries after all. */
+int ifc_dp_notify_enable(struct ifc_dp_vq *q);
+/* The engine is busy: without EVENT_IDX set VRING_USED_F_NO_NOTIFY. */
+void ifc_dp_notify_disable(struct ifc_dp_vq *q);
+const char *ifc_dp_error_text(uint32_t code);
+/* avail->idx (which 0) or used->idx (which 1) as in memory; 0x10000 if unbound. */
+uint32_t ifc_dp_ring_idx(const struct ifc_dp_vq *q, uint32_t which);
+
+/* Wire: frames leave back to back from max(earliest, *free_tick, ready[i])
+ * (ready may be NULL); time in ticks, tpc per cycle and tpb per byte; a frame
+ * occupies max(len, min_len) + overhead bytes.  departs[i] = cycle its last
+ * bit leaves, arrivals[i] (may be NULL) = departs[i] + propagation.  Returns
+ * the last departure cycle; *free_tick moves to the end of the last frame. */
+int64_t ifc_wire_schedule(const uint32_t *lengths, uint32_t n, const int64_t *ready, int64_t earliest,
+                          int64_t *departs, int64_t *arrivals, int64_t propagation,
+                          uint64_t *free_tick, uint64_t tpc, uint64_t tpb, uint32_t overhead,
+                          uint32_t min_len);
+/* out[i] = ceil((base_tick + cum[i] * tpb) / tpc): when frame i's data is in. */
+void ifc_dp_ready_times(const uint64_t *cum, uint32_t n, uint64_t base_tick, uint64_t tpb,
+                        uint64_t tpc, int64_t *out);
+
+/* PCIe link timing (sim/pcie_link.py): two pipes of busy intervals in ticks
+ * (tpc ticks per cycle, tpb per byte).  A reservation fills the idle gaps
+ * from its start time on and returns the tick its last byte is through;
+ * intervals that ended before now are dropped; with every slot in use the
+ * smallest gap is closed (counted busy). */
+#define IFC_PIPE_SLOTS 32
+#define IFC_LINK_REQ_BYTES 24         /* MRd, 64-bit address: framing 8 + header 16 */
+#define IFC_LINK_WRITE_OVERHEAD 24    /* MWr, 64-bit address: framing 8 + header 16 */
+
+struct ifc_pipe {
+    uint32_t n;
+    uint32_t reserved;
+    uint64_t start[32];           /* IFC_PIPE_SLOTS */
+    uint64_t end[32];
+};
+
+struct ifc_link {
+    uint64_t tpc;                 /* ticks per cycle */
+    uint64_t tpb;                 /* ticks per byte */
+    uint64_t rd_lat;              /* read round trip, ticks */
+    int64_t wr_lat_cycles;        /* posted write until visible, cycles */
+    uint32_t mps;
+    uint32_t reserved;
+    struct ifc_pipe up;           /* device -> host */
+    struct ifc_pipe down;         /* host -> device */
+    uint64_t up_bytes;            /* bytes on each direction, overhead included */
+    uint64_t down_bytes;
+    uint64_t reads;
+    uint64_t writes;
+};
+
+uint64_t ifc_pipe_reserve(struct ifc_pipe *p, uint64_t t, uint64_t dur, uint64_t now);
+/* A read issued at cycle: returns the tick its last completion byte is in.
+ * control != 0: unqueued (one latency plus its own bytes), bytes still reserved. */
+uint64_t ifc_link_read(struct ifc_link *l, int64_t now, int64_t cycle, uint32_t reqs,
+                       uint64_t payload, uint32_t cpls, uint32_t control);
+/* The dependent control reads of an engine round (avail idx, ring, descriptor
+ * levels); returns the cycle the last descriptor is in. */
+int64_t ifc_link_fetch(struct ifc_link *l, int64_t now, int64_t cycle, const struct ifc_dp_round *r);
+/* Posted writes from cycle; returns the cycle the last byte has left. */
+int64_t ifc_link_write(struct ifc_link *l, int64_t now, int64_t cycle, uint32_t tlps, uint64_t payload);
+/* n used elements after in_flight unpublished ones, plus used->idx, from cycle;
+ * returns the cycle they are visible in host memory. */
+int64_t ifc_link_used_write(struct ifc_link *l, int64_t now, int64_t cycle, const struct ifc_dp_vq *q,
+                            uint32_t in_flight, uint32_t n);
+
+#endif

@@ -14,7 +14,9 @@ import sys
 COMMANDS = [
     "ifcvf.commands.serve",
     "ifcvf.commands.sim",
+    "ifcvf.commands.conformance",
     "ifcvf.commands.bench",
+    "ifcvf.commands.devices",
 ]
 
 DESCRIPTION = """\

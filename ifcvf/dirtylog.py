@@ -33,7 +33,10 @@ class DirtyLog:
                 raise ValueError(f"log size {size} exceeds its buffer ({len(self._view)} bytes)")
             self._view = self._view[:size]
         self.size = len(self._view)
-        self._ptr = ffi.from_buffer("uint8_t[]", self._view, require_writable=True)
+        # A plain pointer, not the from_buffer object: the memoryview keeps the
+        # memory alive, and CPython 3.11's cycle collector crashes clearing a
+        # memoryview that a live from_buffer object still exports.
+        self._ptr = ffi.cast("uint8_t *", ffi.from_buffer("uint8_t[]", self._view, require_writable=True))
 
     @property
     def pages(self) -> int:

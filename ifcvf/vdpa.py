@@ -1,28 +1,40 @@
 """The vDPA driver: the ops a vhost-user back-end calls, and the policy behind them.
 
 One ``VdpaDevice`` per VF.  It owns the VF's DMA mappings (guest memory with
-IOVA = GPA, the dirty log at IOVA_LOG_BASE), its MSI-X routing (vector 0 for
-config changes, vector 1+i to vring i's call eventfd), the kick relay, and the
-live-migration mode.  The back-end gives it a ``VhostDevice`` view (the
-negotiated features, guest memory, vrings, the log), as DPDK's vhost library
-gives rte_vhost handles to its vDPA drivers.
+IOVA = GPA, the dirty log at IOVA_LOG_BASE, mediated rings from
+IOVA_MEDIATED_RINGS), its MSI-X routing (vector 0 for config changes, vector
+1+i to vring i's call eventfd, or to the relay's own eventfd while the
+software relay interposes), the kick relay, and the live-migration mode.  The
+back-end gives it a ``VhostDevice`` view (negotiated features, guest memory,
+vrings, the log), as DPDK's vhost library gives rte_vhost handles to its vDPA
+drivers.
+
+Two ways to migrate:
+- hardware logging: the log is DMA-mapped and the VF's LM block programmed;
+  the VF marks the pages of the packet buffers it writes;
+- software relay (``sw-live-migration=1``): the RX queues' used rings are
+  re-pointed at mediated rings we own; the C relay copies each used entry to
+  the guest's ring, marking every device-writable buffer of the chain in the
+  log, then signals the guest.
 
 Where DPDK's driver stops short, this one does not: clearing LOG_ALL (a
-cancelled migration) turns logging off and unmaps the log; a second
-SET_LOG_BASE re-maps it; errors are returned, not logged and dropped.
+cancelled migration) turns logging off, or takes the VF back to direct mode,
+and unmaps what it mapped; a second SET_LOG_BASE moves logging to the new log;
+errors are returned and undone, not logged and dropped.
 """
 from __future__ import annotations
 
 import logging
 import os
+import select
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from hal.api import HalError, PciFunction
 from ifcvf import ids
 from ifcvf.devargs import Devargs
 from ifcvf.hw import HwError, IfcvfHw, QueueConfig, RingState
-from ifcvf.notify import NotifyRelay
+from ifcvf.relay import MediatedRing, MemoryTable, NotifyQueue, NotifyRelay, RelayError, RelayQueue
 
 log = logging.getLogger("ifcvf.vdpa")
 
@@ -45,6 +57,7 @@ EXTRA_FEATURES = (ids.bit(ids.Feature.NET_GUEST_ANNOUNCE) | ids.bit(ids.Feature.
 
 # Bits that mean something to vhost-user only, never to the VF.
 VHOST_ONLY = ids.bit(ids.Feature.LOG_ALL) | ids.bit(ids.Feature.PROTOCOL_FEATURES)
+USED_RING_HEADER = 4  # flags + idx before the used elements
 
 
 class ProbeError(Exception):
@@ -80,6 +93,7 @@ class LogArea(Protocol):
     memory: object   # HostMemory holding the log
     offset: int      # where the log starts in it
     size: int        # bytes of log
+    log: object      # ifcvf.dirtylog.DirtyLog over it
 
 
 class VhostDevice(Protocol):
@@ -99,6 +113,52 @@ class VhostDevice(Protocol):
     def mark_dirty(self, gpa: int, length: int) -> None: ...
 
 
+class ConfigWatcher:
+    """Vector 0 (the VF's config-change interrupt) to the back-end (a hal.api.Poller)."""
+
+    def __init__(self, name: str, fd: int, on_change: Callable[[], None]):
+        self.name = name
+        self.fd = fd
+        self.on_change = on_change
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fds(self) -> list[int]:
+        return [self.fd]
+
+    def step(self) -> list[int]:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return []
+        self.on_change()
+        return []
+
+    def run(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.fd, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            self.step()
+
+    def stop(self) -> None:
+        os.write(self._stop_w, b"x")
+
+    def close(self) -> None:
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+
+@dataclass
+class SwRelay:
+    """What the software relay adds while it interposes on the RX used rings."""
+
+    table: MemoryTable
+    rings: dict[int, MediatedRing] = field(default_factory=dict)
+    iovas: dict[int, tuple[int, int]] = field(default_factory=dict)
+    queues: dict[int, RelayQueue] = field(default_factory=dict)
+    intr_fds: dict[int, int] = field(default_factory=dict)
+
+
 @dataclass
 class Running:
     """What exists while the datapath runs; torn down in reverse."""
@@ -106,10 +166,12 @@ class Running:
     dev: VhostDevice
     mapped: list[tuple[int, int]] = field(default_factory=list)
     config_fd: int = -1
+    config_watch: ConfigWatcher | None = None
     relay: NotifyRelay | None = None
     queues: dict[int, QueueConfig] = field(default_factory=dict)
     notify_offsets: dict[int, int] = field(default_factory=dict)
     log_mapping: tuple[int, int] | None = None
+    sw: SwRelay | None = None
 
 
 class VdpaDevice:
@@ -170,6 +232,15 @@ class VdpaDevice:
     def max_vrings(self) -> int:
         return 2 * self.max_queue_pairs
 
+    @property
+    def mode(self) -> str:
+        if self.running is None:
+            return "stopped"
+        return "sw-relay" if self.running.sw else ("hw-logging" if self.logging else "direct")
+
+    def running_vrings(self) -> list[int]:
+        return sorted(self.running.queues) if self.running else []
+
     # --- dev_conf / dev_close ----------------------------------------------------
     def dev_conf(self, dev: VhostDevice) -> None:
         """Start the datapath for every enabled vring; on failure undo everything."""
@@ -179,52 +250,84 @@ class VdpaDevice:
         self.running = run
         try:
             self._start(run)
-        except (HwError, HalError, VdpaError, OSError, ValueError) as err:
+        except (HwError, HalError, VdpaError, RelayError, OSError, ValueError) as err:
             self._teardown(run, save_state=False)
             self.running = None
             raise VdpaError(f"{self.name}: cannot configure the VF: {err}") from None
+
+    def _vrings(self, run: Running) -> list[Vring]:
+        return [v for v in run.dev.vring_views() if v.index < self.max_vrings]
 
     def _start(self, run: Running) -> None:
         dev = run.dev
         for region in dev.memory.regions:
             self.fn.dma_map(region.gpa, region.mapping, region.mmap_offset, region.size)
             run.mapped.append((region.gpa, region.size))
-        vrings = [v for v in dev.vring_views() if v.index < self.max_vrings]
         run.config_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._route_msix(run, vrings)
-        run.queues = {v.index: self._queue_config(v) for v in vrings if v.enabled}
-        self.hw.start(dev.features & ~VHOST_ONLY, list(run.queues.values()),
-                      mq_pairs=self._enabled_pairs(run))
+        run.config_watch = ConfigWatcher(f"{self.name}-config", run.config_fd, dev.config_changed)
+        self.fn.start_poller(run.config_watch)
+        run.queues = {v.index: self._queue_config(v) for v in self._vrings(run) if v.enabled}
         run.notify_offsets = {q: self.hw.notify_offset(q) for q in range(self.max_vrings)}
-        self._start_relay(run, vrings)
-        if dev.features & ids.bit(ids.Feature.LOG_ALL):
-            self._enable_logging(run)
-        log.info("%s: datapath up, vrings %s", self.name, sorted(run.queues))
+        if dev.features & ids.bit(ids.Feature.LOG_ALL) and self.devargs.sw_live_migration:
+            self._start_sw(run, {})
+        else:
+            self._start_direct(run)
+            if dev.features & ids.bit(ids.Feature.LOG_ALL):
+                self._enable_logging(run)
+        log.info("%s: datapath up (%s), vrings %s", self.name, self.mode, sorted(run.queues))
 
-    def _queue_config(self, v: Vring) -> QueueConfig:
-        return QueueConfig(v.index, v.size, v.desc, v.avail, v.used, v.last_avail, v.last_used,
+    def _queue_config(self, v: Vring, last: RingState | None = None) -> QueueConfig:
+        avail, used = (last.last_avail, last.last_used) if last else (v.last_avail, v.last_used)
+        return QueueConfig(v.index, v.size, v.desc, v.avail, v.used, avail, used,
                            ids.MSIX_QUEUE_VECTOR_BASE + v.index)
 
-    def _route_msix(self, run: Running, vrings: list[Vring]) -> None:
+    def _route_msix(self, run: Running) -> None:
+        vrings = self._vrings(run)
         count = 1 + max((v.index + 1 for v in vrings), default=0)
+        if count > self.fn.msix_vectors():
+            raise VdpaError(f"{self.name}: {count} MSI-X vectors needed, the VF has {self.fn.msix_vectors()}")
         fds = [-1] * count
         fds[ids.MSIX_CONFIG_VECTOR] = run.config_fd
         for v in vrings:
-            fds[ids.MSIX_QUEUE_VECTOR_BASE + v.index] = v.call_fd
-        if count > self.fn.msix_vectors():
-            raise VdpaError(f"{self.name}: {count} MSI-X vectors needed, the VF has {self.fn.msix_vectors()}")
+            relayed = run.sw.intr_fds.get(v.index) if run.sw else None
+            fds[ids.MSIX_QUEUE_VECTOR_BASE + v.index] = v.call_fd if relayed is None else relayed
         self.fn.set_msix(fds)
 
     def _enabled_pairs(self, run: Running) -> int:
         return len({q // 2 for q in run.queues})
 
-    def _start_relay(self, run: Running, vrings: list[Vring]) -> None:
-        kicks = {v.index: v.kick_fd for v in vrings if v.kick_fd >= 0}
-        offsets = run.notify_offsets
-        run.relay = NotifyRelay(f"{self.name}-notify", kicks,
-                                doorbell=lambda q: self.hw.kick(q, offsets[q]),
-                                config_fd=run.config_fd, on_config=run.dev.config_changed)
+    def _doorbell(self, run: Running, q: int):
+        """Where the C relay rings queue q: the BAR address on VFIO, a callback on the simulator."""
+        offset = run.notify_offsets[q]
+        address = self.hw.notify_region.address_of(offset)
+        return address if address is not None else (lambda qid, off=offset: self.hw.kick(qid, off))
+
+    def _start_relay(self, run: Running) -> None:
+        specs = []
+        for v in self._vrings(run):
+            relay = run.sw.queues.get(v.index) if run.sw else None
+            if v.kick_fd < 0 and relay is None:
+                continue
+            specs.append(NotifyQueue(
+                v.index, kick_fd=v.kick_fd if v.kick_fd >= 0 else None, doorbell=self._doorbell(run, v.index),
+                relay=relay, intr_fd=run.sw.intr_fds.get(v.index) if relay else None,
+                call_fd=v.call_fd if relay and v.call_fd >= 0 else None))
+        run.relay = NotifyRelay(self.name, specs)
         self.fn.start_poller(run.relay)
+
+    def _stop_relay(self, run: Running) -> None:
+        if run.relay is not None:
+            self.fn.stop_poller(run.relay)
+            run.relay.close()
+            run.relay = None
+
+    def _start_direct(self, run: Running, states: dict[int, RingState] | None = None) -> None:
+        self._route_msix(run)
+        configs = [self._queue_config(v, (states or {}).get(v.index))
+                   for v in self._vrings(run) if v.index in run.queues]
+        run.queues = {c.index: c for c in configs}
+        self.hw.start(run.dev.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run))
+        self._start_relay(run)
 
     def dev_close(self) -> None:
         """Stop the datapath, save every ring's state into the vhost device, unmap."""
@@ -235,29 +338,39 @@ class VdpaDevice:
         self._teardown(run, save_state=True)
         log.info("%s: datapath down", self.name)
 
-    def _teardown(self, run: Running, *, save_state: bool) -> None:
-        if run.relay:
-            self.fn.stop_poller(run.relay)
-            run.relay.close()
-            run.relay = None
-        errors = []
+    def _stop_hw(self, run: Running) -> dict[int, RingState]:
+        """Stop the VF and return each running queue's state (from the used ring if need be)."""
         try:
             states = self.hw.stop(sorted(run.queues))
         except (HwError, HalError) as err:
-            errors.append(str(err))
+            log.error("%s: stop: %s; resetting", self.name, err)
             states = {}
             try:
                 self.hw.reset()
             except (HwError, HalError) as err2:
-                errors.append(str(err2))
+                log.error("%s: reset: %s", self.name, err2)
+        return {q: states.get(q) or self._state_from_used_ring(run, q) for q in run.queues}
+
+    def _teardown(self, run: Running, *, save_state: bool) -> None:
+        self._stop_relay(run)
+        if run.config_watch is not None:
+            self.fn.stop_poller(run.config_watch)
+            run.config_watch.close()
+            run.config_watch = None
+        logged = self.logging or run.sw is not None
+        states = self._stop_hw(run)
+        if run.sw is not None:
+            states = self._stop_sw(run, states)
         if save_state:
-            for q in sorted(run.queues):
-                state = states.get(q) or self._state_from_used_ring(run, q)
+            for q, state in sorted(states.items()):
                 run.dev.set_vring_base(q, state.last_avail, state.last_used)
-        if self.logging:
-            self._disable_logging(run)
-            if save_state:
-                self._mark_used_rings_dirty(run)
+        self._disable_logging(run)
+        if logged and save_state:
+            self._mark_used_rings_dirty(run)
+        self._release(run)
+
+    def _release(self, run: Running) -> None:
+        errors = []
         try:
             self.fn.set_msix([])
         except HalError as err:
@@ -277,18 +390,103 @@ class VdpaDevice:
     def _state_from_used_ring(self, run: Running, q: int) -> RingState:
         """A device without a stop command was reset: its progress is the used index."""
         queue = run.queues[q]
-        view = run.dev.memory.view(queue.used + 2, 2)
-        used = int.from_bytes(view, "little")
+        if run.sw and q in run.sw.rings:
+            used = run.sw.rings[q].used_idx
+        else:
+            used = int.from_bytes(run.dev.memory.view(queue.used + 2, 2), "little")
         return RingState(used, used, used)
 
     def _mark_used_rings_dirty(self, run: Running) -> None:
-        # IFCVF logs packet buffers only; the used rings it wrote are ours to log.
-        for v in run.dev.vring_views():
+        # IFCVF logs packet buffers only; the used rings it (or our relay) wrote are ours to log.
+        for v in self._vrings(run):
             if v.index in run.queues:
-                run.dev.mark_dirty(v.log_gpa, 6 + 8 * v.size)
+                run.dev.mark_dirty(v.log_gpa, USED_RING_HEADER + 8 * v.size + 2)
 
-    def running_vrings(self) -> list[int]:
-        return sorted(self.running.queues) if self.running else []
+    # --- software relay (sw-live-migration=1) --------------------------------------------
+    def _start_sw(self, run: Running, states: dict[int, RingState]) -> None:
+        """Start the VF with every RX used ring re-pointed at a mediated ring we relay from."""
+        area = run.dev.log_area()
+        if area is None:
+            raise VdpaError(f"{self.name}: LOG_ALL without a log (SET_LOG_BASE never came)")
+        if states and not self.hw.has_lm_block and any(s.last_avail for s in states.values()):
+            raise VdpaError(f"{self.name}: cannot switch a running VF to the software relay: without "
+                            f"an LM block ({self.hw.lm_absent_reason}) its rings cannot resume where they were")
+        sw = SwRelay(MemoryTable(run.dev.memory.c_table()))
+        run.sw = sw
+        event_idx = bool(run.dev.features >> ids.Feature.RING_EVENT_IDX & 1)
+        iova = ids.IOVA_MEDIATED_RINGS
+        configs = []
+        for v in self._vrings(run):
+            if v.index not in run.queues:
+                continue
+            config = self._queue_config(v, states.get(v.index))
+            if v.index % 2 == 0:  # RX: the device writes used entries to the mediated ring
+                ring = MediatedRing(v.size, name=f"{self.name}-mediated-{v.index}")
+                sw.rings[v.index] = ring
+                self.fn.dma_map(iova, ring.memory, 0, ring.nbytes)
+                sw.iovas[v.index] = (iova, ring.nbytes)
+                ring.used_idx = config.last_used
+                ring.avail_idx = config.last_avail
+                sw.queues[v.index] = RelayQueue(
+                    sw.table, v.size, v.desc, v.avail, v.used, ring, last_idx=config.last_used,
+                    event_idx=event_idx, log=area.log, log_used_gpa=v.log_gpa)
+                sw.intr_fds[v.index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                config = QueueConfig(config.index, config.size, config.desc, config.avail,
+                                     iova + ring.used_offset, config.last_avail, config.last_used,
+                                     config.vector)
+                iova += ring.nbytes
+            configs.append(config)
+        run.queues = {c.index: c for c in configs}
+        self._route_msix(run)
+        self.hw.start(run.dev.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run))
+        self._start_relay(run)
+        for q in sw.queues:  # entries completed before the relay watched: relay them now
+            run.relay.catch_up(q)
+        for q, config in run.queues.items():  # and make the VF look at every ring again
+            self.hw.kick(q, run.notify_offsets[q])
+        log.info("%s: software relay interposed on RX vrings %s", self.name, sorted(sw.queues))
+
+    def _stop_sw(self, run: Running, states: dict[int, RingState]) -> dict[int, RingState]:
+        """After the VF stopped: relay what is left, drop the mediated rings."""
+        sw, run.sw = run.sw, None
+        for q, relay in sw.queues.items():
+            try:
+                relay.relay_all()
+            except RelayError as err:
+                log.error("%s: vring %d: final relay refused: %s", self.name, q, err)
+            used = relay.last_idx
+            states[q] = RingState(used, used, states[q].hw_avail if q in states else used)
+        for q, (iova, size) in sw.iovas.items():
+            try:
+                self.fn.dma_unmap(iova, size)
+            except HalError as err:
+                log.error("%s: unmapping mediated ring %d: %s", self.name, q, err)
+        for relay in sw.queues.values():
+            relay.close()
+        for ring in sw.rings.values():
+            ring.close()
+        for fd in sw.intr_fds.values():
+            os.close(fd)
+        # The relayed queues run on the guest's own used rings from now on.
+        for q in sw.queues:
+            v = next(v for v in self._vrings(run) if v.index == q)
+            run.queues[q] = self._queue_config(v, states[q])
+        return states
+
+    def _switch(self, run: Running, to_sw: bool) -> None:
+        """Between direct and relayed operation while the guest runs: stop, save, restart."""
+        self._stop_relay(run)
+        states = self._stop_hw(run)
+        if run.sw is not None:
+            states = self._stop_sw(run, states)
+        try:
+            if to_sw:
+                self._start_sw(run, states)
+            else:
+                self._start_direct(run, states)
+        except (HwError, HalError, RelayError, OSError, ValueError) as err:
+            raise VdpaError(f"{self.name}: switching to {'software relay' if to_sw else 'direct mode'} "
+                            f"failed: {err}") from None
 
     # --- runtime changes ---------------------------------------------------------
     def vring_fds_changed(self, dev: VhostDevice) -> None:
@@ -296,15 +494,11 @@ class VdpaDevice:
         run = self.running
         if run is None:
             return
-        vrings = [v for v in dev.vring_views() if v.index < self.max_vrings]
-        if run.relay:
-            self.fn.stop_poller(run.relay)
-            run.relay.close()
-            run.relay = None
+        self._stop_relay(run)
         try:
-            self._route_msix(run, vrings)
-            self._start_relay(run, vrings)
-        except HalError as err:
+            self._route_msix(run)
+            self._start_relay(run)
+        except (HalError, OSError, ValueError) as err:
             raise VdpaError(f"{self.name}: re-routing eventfds: {err}") from None
 
     def set_vring_state(self, index: int, enable: bool) -> None:
@@ -319,9 +513,11 @@ class VdpaDevice:
         if not self.hw.has_stop_command:
             raise VdpaError(f"{self.name}: the function cannot start or stop single queues "
                             "(no IFCVF stop command); re-negotiate instead")
+        if run.sw is not None:
+            raise VdpaError(f"{self.name}: queues cannot change while the software relay interposes")
         try:
             if enable:
-                vring = next((v for v in run.dev.vring_views() if v.index == index), None)
+                vring = next((v for v in self._vrings(run) if v.index == index), None)
                 if vring is None:
                     raise VdpaError(f"{self.name}: vring {index} is not set up")
                 config = self._queue_config(vring)
@@ -333,14 +529,25 @@ class VdpaDevice:
                 del run.queues[index]
                 self.hw.set_mq(self._enabled_pairs(run))
                 run.dev.set_vring_base(index, state.last_avail, state.last_used)
+            self._stop_relay(run)
+            self._route_msix(run)
+            self._start_relay(run)
         except (HwError, HalError) as err:
             raise VdpaError(f"{self.name}: vring {index}: {err}") from None
 
     def set_features(self, features: int) -> None:
-        """Called after every SET_FEATURES: LOG_ALL on or off changes the logging mode."""
+        """Called for every SET_FEATURES, before it takes effect: LOG_ALL on or off
+        changes the migration mode.  On failure nothing has changed."""
         run = self.running
         want = bool(features & ids.bit(ids.Feature.LOG_ALL))
-        if run is None or want == self.logging:
+        if run is None:
+            return
+        if self.devargs.sw_live_migration:
+            if want != (run.sw is not None):
+                self._switch(run, to_sw=want)
+                log.info("%s: %s", self.name, "software relay on" if want else "back to direct mode")
+            return
+        if want == self.logging:
             return
         if want:
             self._enable_logging(run)
@@ -348,16 +555,24 @@ class VdpaDevice:
             self._disable_logging(run)
 
     def log_base_changed(self) -> None:
-        """A new SET_LOG_BASE while logging: move the hardware to the new log."""
+        """A new SET_LOG_BASE while logging: move the hardware (or the relay) to the new log."""
         run = self.running
-        if run is not None and self.logging:
+        if run is None:
+            return
+        if run.sw is not None:
+            area = run.dev.log_area()
+            for q, relay in run.sw.queues.items():
+                vring = next(v for v in self._vrings(run) if v.index == q)
+                try:
+                    relay.set_log(area.log, vring.log_gpa)
+                except RelayError as err:
+                    raise VdpaError(f"{self.name}: vring {q}: new log refused: {err}") from None
+        elif self.logging:
             self._disable_logging(run)
             self._enable_logging(run)
 
     # --- hardware dirty logging --------------------------------------------------------
     def _enable_logging(self, run: Running) -> None:
-        if self.devargs.sw_live_migration:
-            raise VdpaError(f"{self.name}: software-assisted migration is not available yet")
         area = run.dev.log_area()
         if area is None:
             raise VdpaError(f"{self.name}: LOG_ALL without a log (SET_LOG_BASE never came)")
@@ -379,12 +594,12 @@ class VdpaDevice:
         log.info("%s: hardware dirty logging on (%d bytes of log)", self.name, area.size)
 
     def _disable_logging(self, run: Running) -> None:
-        self.hw.disable_logging()
+        if self.logging:
+            self.hw.disable_logging()
         if run.log_mapping:
             self.fn.dma_unmap(*run.log_mapping)
             run.log_mapping = None
         self.logging = False
-        log.info("%s: hardware dirty logging off", self.name)
 
     # --- host notifiers ----------------------------------------------------------------
     def get_notify_area(self, index: int):

@@ -94,6 +94,50 @@ class IfcvfConfig:
     """BAR layout: "ifcvf" (BAR0 config/MSI-X, BAR2 doorbells, BAR4 LM block) or "qemu"
     (BAR1 MSI-X, BAR4 virtio structures, no LM block); see sim.layout."""
 
+    # --- datapath (sim/engines.py, sim/pcie_link.py, sim/wire.py) ----------------------
+    # Every number below is a default with its source; sim/engines.py explains the model.
+    pcie_gen: int = 3
+    """PCIe generation of the VF's link: 3 = 8 GT/s per lane, 128b/130b coding (N3000: Gen3)."""
+    pcie_lanes: int = 16
+    """Link width: x16 = 15.75 GB/s per direction after coding (perf.md section 2)."""
+    pcie_mps: int = 256
+    """Max payload size: write TLPs and read completions carry at most this (256 is what
+    Xeon root ports commonly grant; pcie-bench's model default)."""
+    pcie_mrrs: int = 512
+    """Max read request size: DMA reads are split into requests of at most this (Linux default)."""
+    pcie_rcb: int = 64
+    """Read completion boundary of the root complex (64 B on x86)."""
+    pcie_completions_at_rcb: bool = False
+    """Completers split read data at every RCB (64 B completions, some Intel root complexes)
+    instead of at MPS-aligned boundaries (pcie-bench's default assumption)."""
+    pcie_read_latency_ns: int = 500
+    """DMA read round trip, request out to first completion in: ~0.5 us for small reads on
+    Xeon servers (Neugebauer et al., "Understanding PCIe performance for end host
+    networking", SIGCOMM'18)."""
+    pcie_write_latency_ns: int = 250
+    """Posted DMA write until it is visible in host memory: half the read latency (Intel TCC
+    guide: "PCIe-to-memory stream latency is estimated to be equivalent to half of the
+    PCIe-from-memory stream latency")."""
+    kick_to_fetch_ns: int = 20
+    """Doorbell landed (after doorbell_ns) until the engine issues its first read: 5 cycles
+    of the 250 MHz queue scheduler (assumption)."""
+    engine_batch: int = 64
+    """Descriptor prefetch batch: at most this many avail entries per engine round."""
+    engine_fetch_depth: int = 4
+    """Rounds of one queue whose descriptor fetch may be in flight at once (outstanding
+    reads per queue; assumption, enough to hide 3 read round trips at 100G)."""
+    tx_buffer_bytes: int = 65536
+    """On-device TX buffer between the DMA engine and the MAC: the engine stops fetching when
+    the wire backlog would exceed it (assumption: 64 KiB of FPGA block RAM)."""
+    rx_fifo_bytes: int = 131072
+    """Per-RX-queue on-device FIFO for frames waiting for a buffer; frames beyond it are
+    dropped and counted (assumption: ~10 us of 100G)."""
+    wire_gbps: int = 100
+    """Line rate of the VF's port (Intel FPGA PAC N3000: 100 GbE)."""
+    dirty_log_skip_fraction: float = 0.0
+    """Negative control for the dirty-log checker: the device skips this fraction of its
+    dirty-page marks (drawn from world.rng) and records which pages it skipped."""
+
     def __post_init__(self) -> None:
         if self.msix_vectors is None:
             object.__setattr__(self, "msix_vectors", 2 * self.queue_pairs + 2)
@@ -120,8 +164,27 @@ class IfcvfConfig:
                   "0 or an even power of two (virtio 4.1.4.4)")
         for name in ("mmio_read_ns", "doorbell_ns", "reset_ns", "queue_stop_ns", "msix_ns"):
             _check_int(self, name, 0, 10**12)
+        _check_int(self, "pcie_gen", 1, 5)
+        if self.pcie_lanes not in (1, 2, 4, 8, 16, 32):
+            _fail("pcie_lanes", self.pcie_lanes, "1, 2, 4, 8, 16 or 32")
+        for name, allowed in (("pcie_mps", (128, 256, 512, 1024, 2048, 4096)),
+                              ("pcie_mrrs", (128, 256, 512, 1024, 2048, 4096)),
+                              ("pcie_rcb", (64, 128))):
+            if getattr(self, name) not in allowed:
+                _fail(name, getattr(self, name), ", ".join(str(a) for a in allowed))
+        for name in ("pcie_read_latency_ns", "pcie_write_latency_ns", "kick_to_fetch_ns"):
+            _check_int(self, name, 0, 10**9)
+        _check_int(self, "engine_batch", 1, MAX_QUEUE_SIZE)
+        _check_int(self, "engine_fetch_depth", 1, 64)
+        _check_int(self, "tx_buffer_bytes", 1, 1 << 30)
+        _check_int(self, "rx_fifo_bytes", 0, 1 << 30)
+        _check_int(self, "wire_gbps", 1, 1600)
+        fraction = self.dirty_log_skip_fraction
+        if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                or not 0.0 <= fraction <= 1.0):
+            _fail("dirty_log_skip_fraction", fraction, "a number in [0, 1]")
         for name in ("require_access_platform", "link_up", "reset_never_completes",
-                     "stop_never_acks"):
+                     "stop_never_acks", "pcie_completions_at_rcb"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         if self.layout not in LAYOUTS:

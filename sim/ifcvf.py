@@ -54,11 +54,12 @@ from typing import Callable
 
 from sim import virtio_regs as vr
 from sim.config import IfcvfConfig
-from sim.iommu import IommuDomain
+from sim.dma import DmaDomain
 from sim.layout import BarLayout, Region, layout_for
 from sim.lm import LmBlock
 from sim.msix import MsixTable
 from sim.pcie import PciConfigSpace, PciIdentity, check_access, check_value
+from sim.engines import Datapath
 from sim.queue_state import IdleEngine, QueueEngine, QueueState
 from sim.world import World
 
@@ -79,7 +80,9 @@ class IfcvfFunction:
         self.errors: list[str] = []
         self.doorbell_mismatches = 0
 
-        self.iommu = IommuDomain(world, f"{name}.iommu")
+        # A DmaDomain is an IommuDomain that counts its changes, so the datapath's C
+        # view of the mappings is rebuilt exactly when they change (sim/dma.py).
+        self.iommu = DmaDomain(world, f"{name}.iommu")
         self.pci = PciConfigSpace(
             PciIdentity(config.vendor_id, config.device_id, config.subsystem_vendor_id,
                         config.subsystem_device_id, config.revision, config.class_code,
@@ -104,7 +107,13 @@ class IfcvfFunction:
 
         self.queues = [QueueState(index=q, max_size=config.max_queue_size, notify_off=q)
                        for q in range(config.num_queues)]
-        factory = engine_factory or (lambda fn, queue: IdleEngine(queue))
+        # The datapath (sim/engines.py): split-ring engines, the PCIe link they share,
+        # hardware dirty logging and the VF's 100G port (``fn.port``, sim/wire.py).
+        # The default engine factory gives RX engines to even queues, TX engines to
+        # odd ones and an idle engine to the control vq; ``engine_factory`` replaces it.
+        self.datapath = Datapath(self)
+        self.port = self.datapath.port
+        factory = engine_factory or self.datapath.engine_for
         for queue in self.queues:
             queue.engine = factory(self, queue)
         self.lm: LmBlock | None = (LmBlock(world, f"{name}.lm", self.queues, config.queue_pairs)

@@ -1,0 +1,761 @@
+"""A guest virtio-net driver, as the simulated VF sees it: split rings in guest RAM.
+
+``GuestNet`` lays out one RX (even) and one TX (odd) virtqueue per queue pair
+in guest RAM, runs one guest CPU per pair as a simpy process, and drives the
+rings the way a virtio-net driver does: NAPI-style RX (an interrupt schedules
+a poll of up to a budget of frames, interrupts stay off while polling and are
+re-enabled, with a re-check, only when the ring is drained), a paced TX
+producer that reclaims completed chains on its way and asks for a (delayed)
+interrupt only when its ring is full, and notification suppression both ways
+(VRING_AVAIL_F_NO_INTERRUPT / VRING_USED_F_NO_NOTIFY, or used_event /
+avail_event with EVENT_IDX).  Kicks and interrupts are eventfds: the guest
+kicks with ``world.signal_fd(kick_fd)`` and watches ``call_fd``.
+
+The per-buffer work runs in C a batch per call (``csrc/guest_ring.c``): every
+received frame is checked end to end with the traffic checker of
+``sim.traffic`` (flow, sequence, every payload byte), every sent frame is a
+test frame the sink on the far side of the device can check.
+
+Guest-physical layout (GPA 0 is offset 0 of the guest RAM ``HostMemory``),
+from ``base`` (default 1 MiB) upwards; ``GuestNet.layout`` holds the numbers::
+
+    for each queue q = 0 .. 2 * pairs - 1 (RX = 2p, TX = 2p + 1), page aligned:
+        desc    16 * size                      descriptor table
+        avail   6 + 2 * size                   flags, idx, ring[size], used_event
+        used    page aligned, 6 + 8 * size     flags, idx, ring[size], avail_event
+        priv    64-aligned driver-private block (csrc/guest_ring.c: shadow avail
+                idx, last used idx, free-buffer ring, per-buffer state)
+        seq     TX: one u64 next sequence number per flow of the queue
+        hdrs    TX split/indirect chains: one 16-byte net-header slot per buffer
+        tables  TX indirect chains: one 2-entry (32-byte) table per buffer
+    then for each queue, page aligned: nslots buffers of buf_size bytes
+    (nslots = size, or size / 2 for split TX chains: two descriptors a frame)
+
+RX buffer i is always descriptor i (one device-writable descriptor of the whole
+buffer).  TX chains: "single" (header + frame in one descriptor), "split"
+(descriptor 2i: header, NEXT -> 2i + 1: frame) or "indirect" (descriptor i:
+INDIRECT -> table i: header, NEXT -> frame).
+
+Migration: everything the driver must find again lives in guest RAM (the
+rings and the private blocks, including the TX sequence numbers), so after
+``pause()``, a copy of guest RAM to a destination and ``remap(new_memory)``
+plus ``attach()`` to the destination VF's eventfds, ``resume()`` continues
+from the indexes in memory.  The checker's per-flow state is the observer's,
+outside guest RAM: a guest that lost state shows up as duplicates or loss.
+
+Guest CPU: ``GuestCosts`` gives the time a pair's core spends per interrupt,
+per poll or TX batch, per frame and per kick; the core does one thing at a
+time, its effects on the rings (avail idx, kicks, interrupt re-enable) become
+visible when the work is done, and ``utilisation()`` tells whether the guest
+is what limits a run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ifcvf._native import ffi, lib
+from sim import virtio_regs as vr
+from sim.traffic import (DEFAULT_DST_MAC, DEFAULT_SRC_MAC, CheckCounts, Checker, SizeDist,
+                         Stream, mac_bytes)
+from sim.frames import WIRE_OVERHEAD
+from sim.world import World
+
+PAGE = 4096
+DEFAULT_BASE = 0x10_0000
+
+# Feature bits that change what the driver does on its rings.
+DATAPATH_FEATURES = vr.feature_mask(vr.F_VERSION_1, vr.F_NET_MRG_RXBUF, vr.F_EVENT_IDX,
+                                    vr.F_INDIRECT_DESC)
+# What this driver accepts when a device offers it (negotiate()).  The rest of
+# the net bits it takes are harmless here: the model has no control queue
+# traffic, and MQ pairs are set by whoever starts the device.
+SUPPORTED_FEATURES = DATAPATH_FEATURES | vr.feature_mask(
+    vr.F_NET_MAC, vr.F_NET_MTU, vr.F_NET_STATUS, vr.F_NET_MQ, vr.F_NET_CTRL_VQ,
+    vr.F_ACCESS_PLATFORM, vr.F_ORDER_PLATFORM)
+
+TX_CHAINS = ("single", "split", "indirect")
+RX_SCRATCH = 65536 + 64       # the largest frame merged over RX buffers
+
+
+def negotiate(offered: int, wanted: int = SUPPORTED_FEATURES) -> int:
+    """The features this driver accepts from an offer."""
+    return offered & wanted & SUPPORTED_FEATURES
+
+
+def net_header_len(features: int) -> int:
+    """12 bytes (num_buffers present) with VERSION_1 or MRG_RXBUF, else 10."""
+    return 12 if features & vr.feature_mask(vr.F_VERSION_1, vr.F_NET_MRG_RXBUF) else 10
+
+
+def _align(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class GuestCosts:
+    """Guest CPU time per unit of work, in ns (one core per queue pair).
+
+    Defaults describe a lean kernel driver on a modern core: an interrupt
+    that finds the core idle costs ~1 us before the poll starts, each frame a
+    couple of hundred ns (so one core handles ~4-5 Mpps of combined RX + TX,
+    enough for 100 GbE at 1518 B over 4 pairs but far from 64 B line rate).
+    """
+
+    irq_ns: float = 1000.0       # interrupt entry until the NAPI poll runs
+    poll_ns: float = 200.0       # per RX poll: bookkeeping, refill, publish
+    rx_frame_ns: float = 200.0   # per received frame
+    tx_batch_ns: float = 200.0   # per TX batch: reclaim, publish
+    tx_frame_ns: float = 200.0   # per sent frame
+    kick_ns: float = 100.0       # per kick (a doorbell write)
+
+    def __post_init__(self) -> None:
+        for name in ("irq_ns", "poll_ns", "rx_frame_ns", "tx_batch_ns", "tx_frame_ns", "kick_ns"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GuestCosts.{name} must not be negative")
+
+
+@dataclass(frozen=True)
+class QueueLayout:
+    """Where one virtqueue lives in guest-physical memory."""
+
+    index: int
+    size: int
+    nslots: int
+    buf_size: int
+    desc: int
+    avail: int
+    used: int
+    priv: int
+    seq: int       # TX: per-flow sequence numbers (0 for RX)
+    hdrs: int      # TX split/indirect: header slots (0 otherwise)
+    tables: int    # TX indirect: descriptor tables (0 otherwise)
+    bufs: int
+
+    @property
+    def is_tx(self) -> bool:
+        return self.index % 2 == 1
+
+
+def plan_layout(queue_pairs: int, queue_size: int, *, rx_buffer_size: int, tx_buffer_size: int,
+                tx_chain: str = "single", tx_flows: int = 1,
+                base: int = DEFAULT_BASE) -> tuple[list[QueueLayout], int]:
+    """(per-queue layout, end GPA) of a guest with these rings (see the module doc)."""
+    if tx_chain not in TX_CHAINS:
+        raise ValueError(f"tx_chain must be one of {', '.join(TX_CHAINS)}, not {tx_chain!r}")
+    if not 1 <= queue_size <= 32768 or queue_size & (queue_size - 1):
+        raise ValueError(f"queue size {queue_size} is not a power of two in 1..32768")
+    if tx_chain == "split" and queue_size < 2:
+        raise ValueError("split TX chains need a queue of at least 2 entries")
+    rings = []
+    addr = base
+    for q in range(2 * queue_pairs):
+        tx = q % 2 == 1
+        nslots = queue_size // 2 if tx and tx_chain == "split" else queue_size
+        desc = _align(addr, PAGE)
+        avail = desc + 16 * queue_size
+        used = _align(avail + 6 + 2 * queue_size, PAGE)
+        priv = _align(used + 6 + 8 * queue_size, 64)
+        addr = priv + lib.ifc_gvq_priv_size(nslots)
+        seq = hdrs = tables = 0
+        if tx:
+            seq = _align(addr, 64)
+            addr = seq + 8 * tx_flows
+            if tx_chain != "single":
+                hdrs = _align(addr, 64)
+                addr = hdrs + 16 * nslots
+            if tx_chain == "indirect":
+                tables = _align(addr, 64)
+                addr = tables + 32 * nslots
+        rings.append((q, nslots, desc, avail, used, priv, seq, hdrs, tables))
+    layouts = []
+    for q, nslots, desc, avail, used, priv, seq, hdrs, tables in rings:
+        buf_size = tx_buffer_size if q % 2 else rx_buffer_size
+        bufs = _align(addr, PAGE)
+        addr = bufs + nslots * buf_size
+        layouts.append(QueueLayout(q, queue_size, nslots, buf_size, desc, avail, used, priv, seq,
+                                   hdrs, tables, bufs))
+    return layouts, _align(addr, PAGE)
+
+
+class _Queue:
+    """One virtqueue: its C view, eventfds and counters."""
+
+    def __init__(self, guest: "GuestNet", layout: QueueLayout, flags: int, hdr_len: int):
+        self.guest = guest
+        self.layout = layout
+        self.index = layout.index
+        self.is_tx = layout.is_tx
+        self.c = ffi.new("ifc_gvq *")
+        c = self.c
+        c.desc, c.avail, c.used, c.priv = layout.desc, layout.avail, layout.used, layout.priv
+        c.bufs, c.hdrs, c.tables = layout.bufs, layout.hdrs, layout.tables
+        c.size, c.nslots, c.buf_size = layout.size, layout.nslots, layout.buf_size
+        c.hdr_len, c.flags = hdr_len, flags
+        self.scratch = None
+        if not self.is_tx and flags & lib.IFC_GVQ_F_MRG:
+            self.scratch = ffi.new("uint8_t[]", RX_SCRATCH)
+            c.scratch, c.scratch_size = self.scratch, RX_SCRATCH
+        self.kick_fd = -1
+        self.call_fd = -1
+        self.kicks = 0
+        self.kicks_suppressed = 0
+        self.interrupts = 0
+        self.polls = 0
+        self.broken = ""
+        self.stats = None        # RX: ifc_check_stats (the guest's checker)
+        self.stream: Stream | None = None   # TX
+        self._watcher = None
+
+    def bind(self, memory, fresh: bool) -> None:
+        self.c.mem = ffi.cast("uint8_t *", memory.address)
+        self.c.mem_size = memory.size
+        rc = lib.ifc_gvq_init(self.c, 1 if fresh else 0)
+        if rc != 0:
+            raise ValueError(f"queue {self.index}: the ring layout does not fit guest RAM or the "
+                             "driver-private block in memory is not consistent")
+
+    def kick(self) -> None:
+        if self.kick_fd >= 0:
+            self.kicks += 1
+            self.guest.world.signal_fd(self.kick_fd)
+
+    def publish(self) -> bool:
+        """Publish the shadow avail idx; kick if the device asked for it.  True if kicked."""
+        if lib.ifc_gvq_publish(self.c):
+            self.kick()
+            return True
+        self.kicks_suppressed += 1
+        return False
+
+
+class _Pair:
+    """One queue pair and the guest core that serves it."""
+
+    def __init__(self, guest: "GuestNet", index: int, rx: _Queue, tx: _Queue):
+        self.guest = guest
+        self.index = index
+        self.rx = rx
+        self.tx = tx
+        env = guest.world.env
+        self.wake_ev = env.event()
+        self.rx_scheduled = False
+        self.rx_irq = False          # the next poll was started by an interrupt
+        self.tx_active = False
+        self.tx_blocked = False      # ring full: waiting for a TX interrupt
+        self.tx_next = 0
+        self.tx_limit: int | None = None
+        self.credit = 0.0            # TX: offered wire bytes not sent yet
+        self.credit_time = 0
+        self.timer_at: int | None = None
+        self.debt_ns = 0.0           # CPU time owed for work done after a busy period
+        self.busy_cycles = 0
+        self.proc = None
+
+    def wake(self) -> None:
+        if not self.wake_ev.triggered:
+            self.wake_ev.succeed()
+
+    def _timer(self, at: int) -> None:
+        if self.timer_at == at:
+            self.timer_at = None
+            self.wake()
+
+
+class GuestNet:
+    """A guest virtio-net driver over split rings in ``memory`` (guest RAM, GPA 0 = offset 0).
+
+    ``features`` is the negotiated feature set (see ``negotiate``); the
+    datapath bits change the driver: VERSION_1 or MRG_RXBUF -> 12-byte net
+    header (else 10), MRG_RXBUF -> RX frames may span buffers (num_buffers
+    honoured), EVENT_IDX -> used_event / avail_event instead of the flags,
+    INDIRECT_DESC -> ``tx_chain="indirect"`` is allowed.
+
+    RX frames are checked against flows ``rx_flow_base .. + rx_flows - 1``.
+    TX: each pair sends ``tx_flows`` flows (pair p: ``tx_flow_base + p *
+    tx_flows`` upwards) of ``tx_sizes`` at ``tx_rate_gbps`` / pairs each
+    (layer-1 rate, like ``sim.traffic.Generator``), at most ``tx_frames`` per
+    pair; ``tx_rate_gbps=0`` sends nothing.  A pair's core sends a batch when
+    ``tx_batch`` frames' worth of rate has accrued, or after ``tx_wait_ns``
+    with whatever has (so slow rates do not wait for a full batch).
+
+    ``fresh=False`` adopts rings already in ``memory`` (a guest whose RAM was
+    restored) instead of initialising them; ``ring_base`` starts every index
+    of fresh rings at that value instead of 0, as rings restored after a
+    migration would be (it makes the u16 wrap-around quick to reach).
+    """
+
+    def __init__(self, world: World, memory, *, features: int, queue_pairs: int = 1,
+                 queue_size: int = 256, base: int = DEFAULT_BASE, rx_buffer_size: int = 1536,
+                 tx_buffer_size: int = 1536, tx_chain: str = "single",
+                 costs: GuestCosts = GuestCosts(), napi_budget: int = 64, tx_batch: int = 64,
+                 rx_flows: int = 1, rx_flow_base: int = 0, rx_max_frame: int = 1514,
+                 tx_rate_gbps: float = 0.0, tx_sizes: SizeDist | str | int = 1518,
+                 tx_flows: int = 1, tx_flow_base: int = 0x1000, tx_flow_run: int = 1,
+                 tx_frames: int | None = None, tx_wait_ns: float = 10_000.0,
+                 mac: bytes | str = DEFAULT_DST_MAC, peer_mac: bytes | str = DEFAULT_SRC_MAC,
+                 name: str = "guest", trace_polls: bool = False, fresh: bool = True,
+                 ring_base: int = 0):
+        if queue_pairs < 1:
+            raise ValueError("a guest needs at least one queue pair")
+        if napi_budget < 1 or tx_batch < 1:
+            raise ValueError("napi_budget and tx_batch must be at least 1")
+        if tx_chain == "indirect" and not features >> vr.F_INDIRECT_DESC & 1:
+            raise ValueError("indirect TX chains need VIRTIO_F_INDIRECT_DESC")
+        self.world = world
+        self.memory = memory
+        self.features = features
+        self.name = name
+        self.queue_pairs = queue_pairs
+        self.queue_size = queue_size
+        self.costs = costs
+        self.napi_budget = napi_budget
+        self.tx_batch = tx_batch
+        self.tx_chain = tx_chain
+        self.trace_polls = trace_polls
+        self.hdr_len = net_header_len(features)
+        self.mrg_rxbuf = bool(features >> vr.F_NET_MRG_RXBUF & 1)
+        self.event_idx = bool(features >> vr.F_EVENT_IDX & 1)
+        if not self.mrg_rxbuf and rx_buffer_size < self.hdr_len + rx_max_frame:
+            raise ValueError(f"RX buffers of {rx_buffer_size} B cannot hold a {rx_max_frame}-byte "
+                             f"frame and the {self.hdr_len}-byte header without MRG_RXBUF")
+        if rx_buffer_size <= self.hdr_len:
+            raise ValueError(f"RX buffers of {rx_buffer_size} B leave no room after the header")
+        if not isinstance(tx_sizes, SizeDist):
+            tx_sizes = SizeDist.parse(tx_sizes, world.rng(f"{name}.tx_sizes"))
+        self.tx_sizes = tx_sizes
+        tx_room = tx_buffer_size - (self.hdr_len if tx_chain == "single" else 0)
+        if tx_sizes.max_length > tx_room:
+            raise ValueError(f"TX frames of {tx_sizes.max_length} B do not fit {tx_buffer_size}-byte "
+                             f"TX buffers with {tx_chain} chains")
+        self.tx_flows = tx_flows
+        self.tx_flow_base = tx_flow_base
+        self.layout, self.end = plan_layout(queue_pairs, queue_size, rx_buffer_size=rx_buffer_size,
+                                            tx_buffer_size=tx_buffer_size, tx_chain=tx_chain,
+                                            tx_flows=tx_flows, base=base)
+        if self.end > memory.size:
+            raise ValueError(f"the rings and buffers need {self.end:#x} bytes of guest RAM, "
+                             f"it has {memory.size:#x}")
+
+        flags = lib.IFC_GVQ_F_EVENT_IDX if self.event_idx else 0
+        self.checker = Checker(rx_flows, rx_flow_base)
+        self.queues: list[_Queue] = []
+        self.pairs: list[_Pair] = []
+        self.mac = mac_bytes(mac)
+        self.peer_mac = mac_bytes(peer_mac)
+        for p in range(queue_pairs):
+            rx = _Queue(self, self.layout[2 * p],
+                        flags | (lib.IFC_GVQ_F_MRG if self.mrg_rxbuf else 0), self.hdr_len)
+            txflags = flags | {"single": 0, "split": lib.IFC_GVQ_F_TX_SPLIT,
+                               "indirect": lib.IFC_GVQ_F_TX_INDIRECT}[tx_chain]
+            tx = _Queue(self, self.layout[2 * p + 1], txflags, self.hdr_len)
+            rx.stats = self.checker.new_stats()
+            self.queues += [rx, tx]
+            pair = _Pair(self, p, rx, tx)
+            pair.tx_limit = tx_frames
+            self.pairs.append(pair)
+        self._bind(memory, fresh)
+        for pair in self.pairs:
+            lay = pair.tx.layout
+            seq = ffi.cast("uint64_t *", memory.address + lay.seq)
+            pair.tx.stream = Stream(tx_sizes, flows=tx_flows, flow_base=tx_flow_base + pair.index * tx_flows,
+                                    flow_run=tx_flow_run, dst_mac=self.peer_mac, src_mac=self.mac,
+                                    seq=seq)
+            pair.tx_active = tx_rate_gbps > 0
+        self.tx_rate_gbps = tx_rate_gbps
+        # Offered wire bytes per cycle, per pair.
+        self._tx_bpc = tx_rate_gbps * 1e9 / 8 / world.clock_hz / queue_pairs
+        self._tx_mean_wire = tx_sizes.mean_length + WIRE_OVERHEAD
+        self._tx_wait = max(1, world.cycles(tx_wait_ns))
+        if fresh:
+            for q in self.queues:
+                if ring_base and lib.ifc_gvq_rebase(q.c, ring_base & 0xFFFF) != 0:
+                    raise ValueError(f"queue {q.index}: cannot start the ring at {ring_base}")
+            for pair in self.pairs:
+                lib.ifc_gvq_refill(pair.rx.c, pair.rx.layout.nslots)
+                lib.ifc_gvq_publish(pair.rx.c)   # nobody to kick yet
+                lib.ifc_gvq_disable_cb(pair.tx.c)
+        self.paused = False
+        self._resume_ev = world.env.event()
+        self.started = False
+        self.started_at = 0
+        self.errors: list[str] = []
+        world.record(name, "guest_init", pairs=queue_pairs, size=queue_size, hdr_len=self.hdr_len,
+                     mrg=self.mrg_rxbuf, event_idx=self.event_idx, tx_chain=tx_chain,
+                     fresh=fresh)
+
+    # ------------------------------------------------------------------------------
+    # layout and wiring
+    # ------------------------------------------------------------------------------
+    @property
+    def num_queues(self) -> int:
+        return 2 * self.queue_pairs
+
+    def queue_addresses(self, index: int) -> tuple[int, int, int]:
+        """(desc, avail, used) guest-physical addresses of queue ``index``."""
+        lay = self.layout[index]
+        return lay.desc, lay.avail, lay.used
+
+    def ring_indexes(self, index: int) -> tuple[int, int]:
+        """(avail idx, used idx) as published in guest memory."""
+        lay = self.layout[index]
+        view = self.memory.view
+        avail = int.from_bytes(view[lay.avail + 2:lay.avail + 4], "little")
+        used = int.from_bytes(view[lay.used + 2:lay.used + 4], "little")
+        return avail, used
+
+    def _bind(self, memory, fresh: bool) -> None:
+        for q in self.queues:
+            q.bind(memory, fresh)
+
+    def attach(self, index: int, kick_fd: int, call_fd: int) -> None:
+        """Kick queue ``index`` through ``kick_fd``; take its interrupts from ``call_fd``.
+
+        Each queue needs a call eventfd of its own (it is drained on every
+        interrupt); it is made non-blocking if it is not.  -1 leaves a side
+        unconnected (no kicks are sent / no interrupts are taken)."""
+        q = self.queues[index]
+        self._unwatch(q)
+        q.kick_fd, q.call_fd = kick_fd, call_fd
+        if call_fd >= 0:
+            # Watchers may be called when the fd is not readable: the drain
+            # must never block the simulation.
+            if os.get_blocking(call_fd):
+                os.set_blocking(call_fd, False)
+            q._watcher = self._rx_irq_handler(q) if not q.is_tx else self._tx_irq_handler(q)
+            self.world.watch_fd(call_fd, q._watcher)
+        self.world.record(self.name, "attach", queue=index, kick=kick_fd >= 0, call=call_fd >= 0)
+
+    def detach(self, index: int | None = None) -> None:
+        """Forget the eventfds of one queue (or all): no kicks, no interrupts."""
+        for q in self.queues if index is None else [self.queues[index]]:
+            self._unwatch(q)
+            q.kick_fd = q.call_fd = -1
+        self.world.record(self.name, "detach", queue=-1 if index is None else index)
+
+    def _unwatch(self, q: _Queue) -> None:
+        watcher = q._watcher
+        if watcher is not None and q.call_fd >= 0:
+            self.world.unwatch_fd(q.call_fd, watcher)
+        q._watcher = None
+
+    def remap(self, memory) -> None:
+        """Continue on another copy of guest RAM (a migration destination).
+
+        The rings, private blocks and TX sequence numbers are taken from the
+        new memory as they are; the checker's flow state is kept.
+        """
+        if memory.size < self.end:
+            raise ValueError(f"the new guest RAM ({memory.size:#x} bytes) is smaller than the layout")
+        self.memory = memory
+        self._bind(memory, fresh=False)
+        for pair in self.pairs:
+            pair.tx.stream.c.seq = ffi.cast("uint64_t *", memory.address + pair.tx.layout.seq)
+            pair.tx.stream._seq = pair.tx.stream.c.seq
+            pair.rx.broken = pair.tx.broken = ""
+        self.world.record(self.name, "remap", size=memory.size)
+
+    # ------------------------------------------------------------------------------
+    # running
+    # ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the guest cores (TX production begins, RX waits for interrupts)."""
+        if self.started:
+            return
+        self.started = True
+        self.started_at = self.world.now
+        for pair in self.pairs:
+            pair.credit_time = self.world.now
+            pair.tx_next = self.world.now
+            # A guest that comes up polls once: buffers may already be used.
+            pair.rx_scheduled = True
+            lib.ifc_gvq_disable_cb(pair.rx.c)
+            pair.proc = self.world.process(self._core(pair))
+        self.world.record(self.name, "guest_start")
+
+    def pause(self) -> None:
+        """Stop the guest CPUs (a migration's stop-and-copy): no ring changes until resume."""
+        if self.paused:
+            return
+        self.paused = True
+        self.world.record(self.name, "pause")
+
+    def resume(self) -> None:
+        """Run again; every RX queue is polled once and TX reclaims before it waits."""
+        if not self.paused:
+            return
+        self.paused = False
+        ev, self._resume_ev = self._resume_ev, self.world.env.event()
+        now = self.world.now
+        for pair in self.pairs:
+            if not pair.rx_scheduled:
+                lib.ifc_gvq_disable_cb(pair.rx.c)
+                pair.rx_scheduled = True
+            pair.tx_blocked = False
+            pair.credit_time = now      # the application was frozen too: no credit accrued
+            pair.wake()
+        self.world.record(self.name, "resume")
+        ev.succeed()
+
+    def kick_all(self) -> None:
+        """Kick every attached queue once (e.g. after attaching to a new device)."""
+        for q in self.queues:
+            q.kick()
+
+    def stop_tx(self) -> None:
+        for pair in self.pairs:
+            pair.tx_active = False
+
+    # --- interrupts -------------------------------------------------------------------
+    def _drain(self, q: _Queue) -> bool:
+        try:
+            os.eventfd_read(q.call_fd)
+        except (BlockingIOError, OSError):
+            return False
+        q.interrupts += 1
+        return True
+
+    def _rx_irq_handler(self, q: _Queue):
+        pair = self.pairs[q.index // 2]
+
+        def on_irq(_fd: int) -> None:
+            if not self._drain(q) or q.broken:
+                return
+            if self.paused:
+                return          # resume() polls every queue
+            if not pair.rx_scheduled:
+                lib.ifc_gvq_disable_cb(q.c)
+                pair.rx_scheduled = True
+                pair.rx_irq = True
+                pair.wake()
+        return on_irq
+
+    def _tx_irq_handler(self, q: _Queue):
+        pair = self.pairs[q.index // 2]
+
+        def on_irq(_fd: int) -> None:
+            if not self._drain(q) or q.broken or self.paused:
+                return
+            lib.ifc_gvq_disable_cb(q.c)
+            pair.debt_ns += self.costs.irq_ns
+            if pair.tx_blocked:
+                pair.tx_blocked = False
+            pair.wake()
+        return on_irq
+
+    # --- the core -----------------------------------------------------------------------
+    def _core(self, pair: _Pair):
+        env = self.world.env
+        costs = self.costs
+        cyc = self.world.clock_hz / 1e9
+        budget = self.napi_budget
+        while True:
+            if self.paused:
+                yield self._resume_ev
+                continue
+            ns = 0.0
+            rx_n = -1
+            tx_n = -1
+            if pair.rx_scheduled and not pair.rx.broken:
+                if pair.rx_irq:
+                    ns += costs.irq_ns
+                    pair.rx_irq = False
+                rx_n = self._rx_work(pair.rx, budget)
+                ns += costs.poll_ns + max(rx_n, 0) * costs.rx_frame_ns
+            elif pair.rx_scheduled:
+                pair.rx_scheduled = False
+            if (pair.tx_active and not pair.tx_blocked and env.now >= pair.tx_next
+                    and not pair.tx.broken):
+                tx_n = self._tx_work(pair)
+                ns += costs.tx_batch_ns + max(tx_n, 0) * costs.tx_frame_ns
+            if rx_n >= 0 or tx_n >= 0:
+                ns += pair.debt_ns
+                pair.debt_ns = 0.0
+                c = int(ns * cyc + 0.999999)
+                pair.busy_cycles += c
+                yield env.timeout(c)
+                while self.paused:
+                    yield self._resume_ev
+                if rx_n >= 0:
+                    self._rx_finish(pair, rx_n, budget)
+                if tx_n >= 0:
+                    self._tx_finish(pair)
+                continue
+            # Idle: sleep until an interrupt or the next TX batch is due.
+            if pair.wake_ev.triggered:
+                pair.wake_ev = env.event()
+            if pair.tx_active and not pair.tx_blocked and not pair.tx.broken:
+                at = pair.tx_next
+                if at <= env.now:
+                    continue
+                if pair.timer_at is None or pair.timer_at > at or pair.timer_at < env.now:
+                    pair.timer_at = at
+                    timer = env.timeout(at - env.now)
+                    timer.callbacks.append(lambda _ev, at=at: pair._timer(at))
+            if pair.debt_ns:
+                c = int(pair.debt_ns * cyc + 0.999999)
+                pair.debt_ns = 0.0
+                pair.busy_cycles += c
+                yield env.timeout(c)
+                continue
+            yield pair.wake_ev
+
+    def _rx_work(self, q: _Queue, budget: int) -> int:
+        stats = q.stats
+        bad_before = stats.corrupted
+        n = lib.ifc_gvq_rx(q.c, budget, self.checker.c, stats)
+        q.polls += 1
+        if n < 0:
+            self._broken(q)
+            return 0
+        if stats.corrupted != bad_before:
+            reason, flow, seq = Checker.last_bad(stats)
+            self.world.record(self.name, "rx_bad", queue=q.index,
+                              count=stats.corrupted - bad_before, reason=reason, flow=flow,
+                              seq=seq)
+        if lib.ifc_gvq_refill(q.c, q.layout.nslots) < 0:
+            self._broken(q)
+        if self.trace_polls:
+            self.world.record(self.name, "rx_poll", queue=q.index, frames=n,
+                              entries=q.c.last_entries)
+        return n
+
+    def _rx_finish(self, pair: _Pair, n: int, budget: int) -> None:
+        q = pair.rx
+        if q.broken:
+            pair.rx_scheduled = False
+            return
+        if q.publish():
+            pair.debt_ns += self.costs.kick_ns
+        if n < budget or not lib.ifc_gvq_pending(q.c):
+            # (A full budget with nothing left behind it is drained too: a
+            # real NAPI loop would poll once more and find nothing.)
+            # Drained: interrupts back on, then look once more (a used entry
+            # published before the re-enable would otherwise never interrupt).
+            if lib.ifc_gvq_enable_cb(q.c, 0):
+                lib.ifc_gvq_disable_cb(q.c)
+            else:
+                pair.rx_scheduled = False
+
+    def _tx_work(self, pair: _Pair) -> int:
+        q = pair.tx
+        env = self.world.env
+        if lib.ifc_gvq_tx_reclaim(q.c) < 0:
+            self._broken(q)
+            return 0
+        now = env.now
+        mean = self._tx_mean_wire
+        cap = 2.0 * self.tx_batch * mean
+        pair.credit = min(cap, pair.credit + (now - pair.credit_time) * self._tx_bpc)
+        pair.credit_time = now
+        want = min(self.tx_batch, int(pair.credit / mean))
+        stream = q.stream
+        if pair.tx_limit is not None:
+            want = min(want, pair.tx_limit - stream.c.frames)
+            if want <= 0 and stream.c.frames >= pair.tx_limit:
+                pair.tx_active = False
+                return 0
+        n = 0
+        if want > 0:
+            before = stream.c.bytes
+            n = lib.ifc_gvq_tx_post(q.c, want, stream.c)
+            if n < 0:
+                self._broken(q)
+                return 0
+            pair.credit -= (stream.c.bytes - before) + WIRE_OVERHEAD * n
+        if self.trace_polls:
+            self.world.record(self.name, "tx_batch", queue=q.index, frames=n)
+        q.polls += 1
+        return n
+
+    def _tx_finish(self, pair: _Pair) -> None:
+        q = pair.tx
+        if q.broken:
+            return
+        if q.publish():
+            pair.debt_ns += self.costs.kick_ns
+        in_flight = lib.ifc_gvq_in_flight(q.c)
+        if in_flight >= q.layout.nslots:
+            # Ring full: ask for an interrupt once 3/4 of it has completed.
+            if lib.ifc_gvq_enable_cb(q.c, in_flight * 3 // 4):
+                lib.ifc_gvq_disable_cb(q.c)
+            else:
+                pair.tx_blocked = True
+            pair.tx_next = self.world.now
+            return
+        deficit = self.tx_batch * self._tx_mean_wire - pair.credit
+        wait = int(deficit / self._tx_bpc + 0.999999) if deficit > 0 else 0
+        pair.tx_next = self.world.now + min(wait, self._tx_wait)
+
+    def _broken(self, q: _Queue) -> None:
+        if q.broken:
+            return
+        code = q.c.error
+        q.broken = _RING_ERRORS.get(code, f"error {code}")
+        message = f"queue {q.index}: {q.broken} (value {q.c.error_value})"
+        self.errors.append(message)
+        self.world.record(self.name, "ring_error", queue=q.index, error=q.broken,
+                          value=q.c.error_value)
+
+    # ------------------------------------------------------------------------------
+    # results
+    # ------------------------------------------------------------------------------
+    def rx_counts(self, pair: int | None = None) -> CheckCounts:
+        """What the RX consumers checked: one pair, or all of them."""
+        pairs = self.pairs if pair is None else [self.pairs[pair]]
+        total = CheckCounts()
+        for p in pairs:
+            total = total + CheckCounts.of(p.rx.stats)
+        return total
+
+    def tx_frames(self, pair: int | None = None) -> int:
+        pairs = self.pairs if pair is None else [self.pairs[pair]]
+        return sum(p.tx.stream.c.frames for p in pairs)
+
+    def tx_bytes(self, pair: int | None = None) -> int:
+        pairs = self.pairs if pair is None else [self.pairs[pair]]
+        return sum(p.tx.stream.c.bytes for p in pairs)
+
+    def tx_sent_per_flow(self) -> list[int]:
+        """Frames sent per TX flow, all pairs, in flow-id order from ``tx_flow_base``."""
+        out: list[int] = []
+        for p in self.pairs:
+            out += p.tx.stream.sent_per_flow()
+        return out
+
+    def utilisation(self, since: int | None = None) -> list[float]:
+        """Busy fraction of each pair's core since start."""
+        start = self.started_at if since is None else since
+        elapsed = max(1, self.world.now - start)
+        return [min(1.0, p.busy_cycles / elapsed) for p in self.pairs]
+
+    def counts(self) -> dict:
+        """Totals and per-queue counters (plain data, for reports and tests)."""
+        queues = []
+        for q in self.queues:
+            row = {"queue": q.index, "kicks": q.kicks, "kicks_suppressed": q.kicks_suppressed,
+                   "interrupts": q.interrupts, "polls": q.polls, "broken": q.broken,
+                   "completed": q.c.completed, "posted": q.c.made_available}
+            if q.is_tx:
+                row.update(frames=q.stream.c.frames, bytes=q.stream.c.bytes)
+            else:
+                row.update(CheckCounts.of(q.stats).as_dict())
+            queues.append(row)
+        rx = self.rx_counts()
+        return {"tx_frames": self.tx_frames(), "tx_bytes": self.tx_bytes(),
+                "rx": rx.as_dict(), "queues": queues}
+
+
+_RING_ERRORS = {
+    lib.IFC_GVQ_E_ID: "used id outside the ring",
+    lib.IFC_GVQ_E_NOT_POSTED: "used id the device does not hold",
+    lib.IFC_GVQ_E_LEN: "used length out of range",
+    lib.IFC_GVQ_E_NUM_BUFFERS: "bad num_buffers",
+    lib.IFC_GVQ_E_PARTIAL: "num_buffers beyond the published used entries",
+    lib.IFC_GVQ_E_TOO_LONG: "merged frame too long",
+    lib.IFC_GVQ_E_USED_IDX: "used idx more than the ring size ahead",
+    lib.IFC_GVQ_E_PRIV: "driver-private block in guest RAM is corrupt",
+}
+
+__all__ = ["GuestNet", "GuestCosts", "QueueLayout", "plan_layout", "negotiate", "net_header_len",
+           "SUPPORTED_FEATURES", "DATAPATH_FEATURES", "TX_CHAINS"]

@@ -1,0 +1,432 @@
+"""Traffic endpoints of the simulated datapath: a seeded generator and a checking sink.
+
+Test frames identify themselves, so a checker needs no copy of what was sent::
+
+    0   destination MAC (6)
+    6   source MAC (6)
+    12  ethertype 0x88B5 (IEEE 802 local experimental ethertype 1), big-endian
+    14  magic 0x46434649 ("IFCF"), u32 little-endian
+    18  flow id, u32 LE
+    22  sequence number within the flow, u64 LE
+    30  the frame's own length (buffer bytes, without FCS), u32 LE
+    34  payload: 64-bit LE words w_k = mix(flow, seq) + k * 0x9E3779B97F4A7C15
+
+The same format is written by the generator on the wire and by the guest's TX
+producer into its buffers; the sink on the wire and the guest's RX consumer
+check it with the same C checker (``csrc/guest_frames.c``): per flow, in
+order / out of order (a late frame filling a gap) / duplicate / lost (gaps not
+filled), and every byte of every frame (runt, foreign, bad length, bad flow,
+bad payload).  Frames are filled and checked a whole batch per C call.
+
+Sizes follow ``sim.frames``: quoted with FCS ("64 B", "1518 B"), stored in
+buffers without it (60, 1514 bytes).
+"""
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass, fields
+from typing import Iterable
+
+from ifcvf._native import ffi, lib
+from sim.frames import FCS_BYTES, WIRE_OVERHEAD, FrameBatch, buffer_length
+from sim.world import World
+
+ETHERTYPE = lib.IFC_TF_ETHERTYPE
+MAGIC = lib.IFC_TF_MAGIC
+HEADER_LEN = lib.IFC_TF_HDR_LEN            # Ethernet + test header, bytes
+MIN_FRAME_SIZE = 64                        # Ethernet minimum, with FCS
+MAX_FRAME_SIZE = 16384 + FCS_BYTES         # what a size table may hold
+
+# Simple IMIX, Ethernet sizes with FCS: 7 x 64, 4 x 594 (576 B IP), 1 x 1518.
+IMIX = ((64, 7), (594, 4), (1518, 1))
+
+DEFAULT_DST_MAC = bytes.fromhex("525400000001")   # the VF's default MAC (sim.config)
+DEFAULT_SRC_MAC = bytes.fromhex("020000000002")   # a locally administered tester
+
+REASONS = {lib.IFC_TF_OK: "ok", lib.IFC_TF_RUNT: "runt", lib.IFC_TF_NOT_TEST: "not_test",
+           lib.IFC_TF_BAD_LENGTH: "bad_length", lib.IFC_TF_BAD_FLOW: "bad_flow",
+           lib.IFC_TF_BAD_PAYLOAD: "bad_payload"}
+
+
+def mac_bytes(mac: str | bytes) -> bytes:
+    """``"52:54:00:00:00:01"`` or 6 bytes -> 6 bytes."""
+    if isinstance(mac, str):
+        mac = bytes.fromhex(mac.replace(":", "").replace("-", ""))
+    mac = bytes(mac)
+    if len(mac) != 6:
+        raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+    return mac
+
+
+# --- sizes --------------------------------------------------------------------------
+class SizeDist:
+    """Frame sizes as a table of buffer lengths that sources cycle through.
+
+    Random distributions are drawn once, at construction, from a named seeded
+    stream, so the C fill loop never calls back into Python and the sizes are
+    the same for the same seed in any process.
+    """
+
+    def __init__(self, frame_sizes: Iterable[int], name: str = "sizes"):
+        sizes = [int(s) for s in frame_sizes]
+        if not sizes:
+            raise ValueError("a size distribution needs at least one size")
+        for s in sizes:
+            if not MIN_FRAME_SIZE <= s <= MAX_FRAME_SIZE:
+                raise ValueError(f"frame size {s} B is outside {MIN_FRAME_SIZE}..{MAX_FRAME_SIZE} "
+                                 "(Ethernet sizes with FCS)")
+        self.name = name
+        self.table = array("I", (buffer_length(s) for s in sizes))
+        self.mean_length = sum(self.table) / len(self.table)
+        self.max_length = max(self.table)
+        self.min_length = min(self.table)
+
+    @property
+    def mean_wire_bytes(self) -> float:
+        """Average byte times per frame on the wire (FCS, preamble, IFG included)."""
+        return self.mean_length + WIRE_OVERHEAD
+
+    @classmethod
+    def fixed(cls, size: int) -> "SizeDist":
+        return cls([size], f"{size}")
+
+    @classmethod
+    def sequence(cls, sizes: Iterable[int]) -> "SizeDist":
+        sizes = list(sizes)
+        return cls(sizes, ",".join(str(s) for s in sizes))
+
+    @classmethod
+    def uniform(cls, low: int, high: int, rng, count: int = 4096) -> "SizeDist":
+        if low > high:
+            raise ValueError(f"size range {low}-{high} is empty")
+        return cls([rng.randint(low, high) for _ in range(count)], f"{low}-{high}")
+
+    @classmethod
+    def imix(cls, rng, mix=IMIX, repeat: int = 64) -> "SizeDist":
+        """Exact proportions, shuffled: ``repeat`` copies of the mix in a random order."""
+        sizes = [size for size, weight in mix for _ in range(weight)] * repeat
+        rng.shuffle(sizes)
+        return cls(sizes, "imix")
+
+    @classmethod
+    def parse(cls, spec: str | int, rng=None) -> "SizeDist":
+        """``64``, ``"64,1518"`` (cycled), ``"64-1518"`` (uniform), ``"imix"``."""
+        if isinstance(spec, int):
+            return cls.fixed(spec)
+        text = spec.strip().lower()
+        if text == "imix":
+            return cls.imix(_need_rng(rng, spec))
+        if "-" in text:
+            low, high = (int(x) for x in text.split("-", 1))
+            return cls.uniform(low, high, _need_rng(rng, spec))
+        if "," in text:
+            return cls.sequence(int(x) for x in text.split(","))
+        return cls.fixed(int(text))
+
+    def __repr__(self) -> str:
+        return f"SizeDist({self.name!r}, mean {self.mean_length + FCS_BYTES:.1f} B)"
+
+
+def _need_rng(rng, spec):
+    if rng is None:
+        raise ValueError(f"size distribution {spec!r} is random: give it a seeded rng")
+    return rng
+
+
+# --- sources ------------------------------------------------------------------------
+class Stream:
+    """A frame source in C (``ifc_stream``): flows round robin, sizes cycled.
+
+    ``seq`` may point at memory the caller owns (the guest keeps its TX
+    sequence numbers in guest RAM); by default the stream allocates its own.
+    """
+
+    def __init__(self, sizes: SizeDist, *, flows: int = 1, flow_base: int = 0, flow_run: int = 1,
+                 dst_mac: bytes | str = DEFAULT_DST_MAC, src_mac: bytes | str = DEFAULT_SRC_MAC,
+                 seq=None):
+        if flows < 1 or flow_run < 1 or not 0 <= flow_base <= 0xFFFF_FFFF - flows + 1:
+            raise ValueError(f"bad flows={flows} flow_base={flow_base} flow_run={flow_run}")
+        self.sizes = sizes
+        self.flows = flows
+        self.flow_base = flow_base
+        self._sizes_buf = ffi.from_buffer("uint32_t[]", sizes.table)
+        self._seq = ffi.new("uint64_t[]", flows) if seq is None else seq
+        self.c = ffi.new("ifc_stream *")
+        c = self.c
+        c.macs = mac_bytes(dst_mac) + mac_bytes(src_mac)
+        c.flow_base, c.nflows, c.flow_run = flow_base, flows, flow_run
+        c.seq, c.sizes, c.nsizes = self._seq, self._sizes_buf, len(sizes.table)
+
+    @property
+    def frames(self) -> int:
+        return self.c.frames
+
+    @property
+    def bytes(self) -> int:
+        return self.c.bytes
+
+    def sent_per_flow(self) -> list[int]:
+        """Frames produced per flow so far (= the next sequence number of each)."""
+        return [self._seq[i] for i in range(self.flows)]
+
+    def batch(self, n: int) -> FrameBatch:
+        """The next ``n`` frames as a FrameBatch (times left 0 for the transmitter)."""
+        total = lib.ifc_stream_peek_bytes(self.c, n)
+        data = bytearray(total)
+        lengths = array("I", bytes(4 * n))
+        times = array("q", bytes(8 * n))
+        got = lib.ifc_stream_fill(self.c, ffi.from_buffer(data), total,
+                                  ffi.from_buffer("uint32_t[]", lengths), n)
+        if got != n:
+            raise RuntimeError(f"stream fill returned {got} for {n} frames")
+        return FrameBatch(data, lengths, times)
+
+
+# --- checking -----------------------------------------------------------------------
+@dataclass
+class CheckCounts:
+    """What a checker saw (see ``ifc_check_stats`` in csrc/ifcvf_native.h)."""
+
+    frames: int = 0
+    bytes: int = 0
+    good: int = 0
+    corrupted: int = 0
+    runt: int = 0
+    not_test: int = 0
+    bad_length: int = 0
+    bad_flow: int = 0
+    bad_payload: int = 0
+    in_order: int = 0
+    out_of_order: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    lost: int = 0
+
+    @classmethod
+    def of(cls, st) -> "CheckCounts":
+        return cls(**{f.name: getattr(st, f.name) for f in fields(cls)})
+
+    def __add__(self, other: "CheckCounts") -> "CheckCounts":
+        return CheckCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                              for f in fields(self)})
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def clean(self) -> bool:
+        """No corruption, duplicates, reordering or loss."""
+        return not (self.corrupted or self.duplicates or self.stale or self.out_of_order
+                    or self.lost)
+
+
+class Checker:
+    """Per-flow sequence state for flows ``flow_base .. flow_base + flows - 1``.
+
+    Several stat blocks may share one checker (the guest's RX queues each
+    count their own frames, the flows are one table).
+    """
+
+    def __init__(self, flows: int, flow_base: int = 0):
+        if flows < 1:
+            raise ValueError("a checker needs at least one flow")
+        self.flows = flows
+        self.flow_base = flow_base
+        self._flows = ffi.new("ifc_flow[]", flows)
+        self.c = ffi.new("ifc_checker *")
+        self.c.flow_base, self.c.nflows, self.c.flows = flow_base, flows, self._flows
+        self.stats = ffi.new("ifc_check_stats *")
+
+    def new_stats(self):
+        return ffi.new("ifc_check_stats *")
+
+    def check(self, batch: FrameBatch, stats=None) -> int:
+        """Check every frame of ``batch``; returns how many failed."""
+        n = len(batch.lengths)
+        if not n:
+            return 0
+        bad = lib.ifc_frames_check(ffi.from_buffer(batch.data), len(batch.data),
+                                   ffi.from_buffer("uint32_t[]", batch.lengths), n, self.c,
+                                   self.stats if stats is None else stats)
+        if bad < 0:
+            raise ValueError("frame batch lengths exceed its data")
+        return bad
+
+    def counts(self, stats=None) -> CheckCounts:
+        return CheckCounts.of(self.stats if stats is None else stats)
+
+    def received_per_flow(self) -> list[int]:
+        """Highest sequence number + 1 seen per flow."""
+        return [self._flows[i].next for i in range(self.flows)]
+
+    def missing(self, sent_per_flow: list[int]) -> int:
+        """Sequence numbers sent but never received, counting the tail not yet arrived
+        (``lost`` counts only gaps below a later frame).  Needs every stat block."""
+        if len(sent_per_flow) != self.flows:
+            raise ValueError(f"{len(sent_per_flow)} flows sent, checker has {self.flows}")
+        tail = sum(max(0, sent - self._flows[i].next) for i, sent in enumerate(sent_per_flow))
+        return tail
+
+    @staticmethod
+    def last_bad(stats) -> tuple[str, int, int]:
+        """(reason, flow, seq) of the last frame that failed."""
+        return REASONS.get(stats.last_bad_reason, "?"), stats.last_bad_flow, stats.last_bad_seq
+
+
+# --- the wire-side endpoints ---------------------------------------------------------
+class Generator:
+    """Sends test frames into a wire port at a rate, in bursts, seeded.
+
+    The port interface (``sim.wire.Port``): ``port.transmit(batch, earliest)``
+    schedules the frames back to back at line rate from ``max(earliest, port
+    free)``, fills ``batch.times`` with departure cycles and returns when the
+    last one finishes.
+
+    Rate: ``rate_gbps`` is the offered rate on the wire (layer 1: preamble,
+    IFG and FCS included, so 100 at 100 GbE is line rate) or ``pps`` frames
+    per second.  Frames leave in bursts of ``burst`` back-to-back frames (one
+    simpy wake-up and one FrameBatch per burst); bursts start one burst-time
+    at the offered rate apart, so the average is the offered rate and, below
+    line rate, each burst is followed by an idle gap.  A generator never
+    queues more than one burst ahead of its port.
+    """
+
+    def __init__(self, world: World, port, sizes: SizeDist | str | int = 64, *,
+                 rate_gbps: float | None = 100.0, pps: float | None = None, burst: int = 64,
+                 flows: int = 1, flow_base: int = 0, flow_run: int = 1,
+                 dst_mac: bytes | str = DEFAULT_DST_MAC, src_mac: bytes | str = DEFAULT_SRC_MAC,
+                 max_frames: int | None = None, name: str = "gen"):
+        if burst < 1:
+            raise ValueError("burst must be at least 1 frame")
+        if (rate_gbps is None) == (pps is None):
+            raise ValueError("give exactly one of rate_gbps and pps")
+        if (rate_gbps is not None and rate_gbps <= 0) or (pps is not None and pps <= 0):
+            raise ValueError("the offered rate must be positive")
+        self.world = world
+        self.port = port
+        self.name = name
+        if not isinstance(sizes, SizeDist):
+            sizes = SizeDist.parse(sizes, world.rng(f"{name}.sizes"))
+        self.sizes = sizes
+        self.stream = Stream(sizes, flows=flows, flow_base=flow_base, flow_run=flow_run,
+                             dst_mac=dst_mac, src_mac=src_mac)
+        self.burst = burst
+        self.max_frames = max_frames
+        # Offered bytes-on-the-wire per cycle.
+        if rate_gbps is not None:
+            self.wire_bytes_per_cycle = rate_gbps * 1e9 / 8 / world.clock_hz
+        else:
+            self.wire_bytes_per_cycle = pps * sizes.mean_wire_bytes / world.clock_hz
+        self.batches = 0
+        self.first_departure: int | None = None
+        self.last_departure = 0
+        self._running = False
+        self._proc = None
+
+    @property
+    def frames(self) -> int:
+        return self.stream.frames
+
+    @property
+    def bytes(self) -> int:
+        return self.stream.bytes
+
+    def sent_per_flow(self) -> list[int]:
+        return self.stream.sent_per_flow()
+
+    def start(self, at_cycle: int | None = None) -> None:
+        if self._running:
+            return
+        self._running = True
+        self.world.record(self.name, "gen_start", sizes=self.sizes.name, burst=self.burst,
+                          flows=self.stream.flows)
+        self._proc = self.world.process(self._run(self.world.now if at_cycle is None else at_cycle))
+
+    def stop(self) -> None:
+        """Stop after the burst in progress (the process ends at its next wake-up)."""
+        if self._running:
+            self._running = False
+            self.world.record(self.name, "gen_stop", frames=self.frames, bytes=self.bytes)
+
+    def _run(self, start: int):
+        world, env = self.world, self.world.env
+        if start > env.now:
+            yield env.timeout(start - env.now)
+        next_start = start
+        bpc = self.wire_bytes_per_cycle
+        while self._running:
+            n = self.burst
+            if self.max_frames is not None:
+                n = min(n, self.max_frames - self.frames)
+                if n <= 0:
+                    self.stop()
+                    return
+            batch = self.stream.batch(n)
+            earliest = max(next_start, int(env.now))
+            done = self.port.transmit(batch, earliest)
+            self.batches += 1
+            if self.first_departure is None and len(batch.times):
+                self.first_departure = batch.times[0]
+            self.last_departure = done
+            wire = len(batch.data) + WIRE_OVERHEAD * n
+            next_start = earliest + math.ceil(wire / bpc)
+            wake = max(next_start, done)
+            if wake > env.now:
+                yield env.timeout(wake - env.now)
+        return
+
+    def offered_gbps(self) -> float:
+        return self.wire_bytes_per_cycle * 8 * self.world.clock_hz / 1e9
+
+
+class Sink:
+    """Receives frames from a wire port and checks every one of them.
+
+    ``port.on_receive(handler)``: the port calls ``handler(batch)`` with
+    arrival times filled.  One C call per batch.
+    """
+
+    def __init__(self, world: World, port=None, *, flows: int = 1, flow_base: int = 0,
+                 name: str = "sink", trace_batches: bool = False):
+        self.world = world
+        self.name = name
+        self.checker = Checker(flows, flow_base)
+        self.batches = 0
+        self.first_arrival: int | None = None
+        self.last_arrival = 0
+        self.trace_batches = trace_batches
+        self._reported_bad = 0
+        if port is not None:
+            port.on_receive(self.receive)
+
+    def receive(self, batch: FrameBatch) -> None:
+        n = len(batch.lengths)
+        if not n:
+            return
+        bad = self.checker.check(batch)
+        self.batches += 1
+        if self.first_arrival is None:
+            self.first_arrival = batch.times[0]
+        self.last_arrival = batch.times[n - 1]
+        if self.trace_batches:
+            self.world.record(self.name, "sink_batch", frames=n, bad=bad)
+        if bad:
+            reason, flow, seq = Checker.last_bad(self.checker.stats)
+            self.world.record(self.name, "frames_bad", count=bad, reason=reason, flow=flow,
+                              seq=seq)
+
+    def counts(self) -> CheckCounts:
+        return self.checker.counts()
+
+    def rate(self) -> tuple[float, float]:
+        """(Mpps, Gb/s of buffer bytes) between the first and the last arrival."""
+        c = self.checker.stats
+        if self.first_arrival is None or self.last_arrival <= self.first_arrival:
+            return 0.0, 0.0
+        seconds = (self.last_arrival - self.first_arrival) / self.world.clock_hz
+        return c.frames / seconds / 1e6, c.bytes * 8 / seconds / 1e9
+
+
+__all__ = ["SizeDist", "Stream", "Checker", "CheckCounts", "Generator", "Sink", "IMIX",
+           "ETHERTYPE", "MAGIC", "HEADER_LEN", "mac_bytes"]
