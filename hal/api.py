@@ -230,6 +230,13 @@ class PciFunction(abc.ABC):
     def stop_poller(self, poller: "Poller") -> None:
         """Stop it within a bounded time; no step runs after this returns."""
 
+    def eventfds_written(self, fds: Sequence[int]) -> None:
+        """The driver wrote these eventfds itself, outside any poller step.
+
+        Real eventfds wake their readers on their own; the simulator's readers
+        live in the same world and must be told.
+        """
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

@@ -162,6 +162,10 @@ class SimFunction(PciFunction):
         if run:
             run.stop()
 
+    def eventfds_written(self, fds) -> None:
+        if fds:
+            self.world.wake_readable()
+
     def close(self) -> None:
         if self.closed:
             return

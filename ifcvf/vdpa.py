@@ -405,55 +405,66 @@ class VdpaDevice:
     # --- software relay (sw-live-migration=1) --------------------------------------------
     def _start_sw(self, run: Running, states: dict[int, RingState]) -> None:
         """Start the VF with every RX used ring re-pointed at a mediated ring we relay from."""
-        area = run.dev.log_area()
-        if area is None:
-            raise VdpaError(f"{self.name}: LOG_ALL without a log (SET_LOG_BASE never came)")
         if states and not self.hw.has_lm_block and any(s.last_avail for s in states.values()):
             raise VdpaError(f"{self.name}: cannot switch a running VF to the software relay: without "
                             f"an LM block ({self.hw.lm_absent_reason}) its rings cannot resume where they were")
+        vrings = {v.index: v for v in self._vrings(run) if v.index in run.queues}
+        for q, v in vrings.items():
+            run.queues[q] = self._queue_config(v, states.get(q))
+        self._build_sw(run, {q: v for q, v in vrings.items() if q % 2 == 0}, states)
+        self._route_msix(run)
+        configs = list(run.queues.values())
+        self.hw.start(run.dev.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run))
+        self._start_relay(run)
+        for q in run.sw.queues:  # entries completed before the relay watched: relay them now
+            self.fn.eventfds_written(run.relay.catch_up(q).signalled)
+        for q in run.queues:  # and make the VF look at every ring again
+            self.hw.kick(q, run.notify_offsets[q])
+
+    def _build_sw(self, run: Running, rx: dict[int, Vring], states: dict[int, RingState]) -> None:
+        """Mediated rings, relay queues and interrupt eventfds for the RX vrings ``rx``."""
+        area = run.dev.log_area()
+        if area is None:
+            raise VdpaError(f"{self.name}: LOG_ALL without a log (SET_LOG_BASE never came)")
         sw = SwRelay(MemoryTable(run.dev.memory.c_table()))
         run.sw = sw
         event_idx = bool(run.dev.features >> ids.Feature.RING_EVENT_IDX & 1)
         iova = ids.IOVA_MEDIATED_RINGS
-        configs = []
-        for v in self._vrings(run):
-            if v.index not in run.queues:
-                continue
-            config = self._queue_config(v, states.get(v.index))
-            if v.index % 2 == 0:  # RX: the device writes used entries to the mediated ring
-                ring = MediatedRing(v.size, name=f"{self.name}-mediated-{v.index}")
-                sw.rings[v.index] = ring
-                self.fn.dma_map(iova, ring.memory, 0, ring.nbytes)
-                sw.iovas[v.index] = (iova, ring.nbytes)
-                ring.used_idx = config.last_used
-                ring.avail_idx = config.last_avail
-                sw.queues[v.index] = RelayQueue(
-                    sw.table, v.size, v.desc, v.avail, v.used, ring, last_idx=config.last_used,
-                    event_idx=event_idx, log=area.log, log_used_gpa=v.log_gpa)
-                sw.intr_fds[v.index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                config = QueueConfig(config.index, config.size, config.desc, config.avail,
-                                     iova + ring.used_offset, config.last_avail, config.last_used,
-                                     config.vector)
-                iova += ring.nbytes
-            configs.append(config)
-        run.queues = {c.index: c for c in configs}
-        self._route_msix(run)
-        self.hw.start(run.dev.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run))
-        self._start_relay(run)
-        for q in sw.queues:  # entries completed before the relay watched: relay them now
-            run.relay.catch_up(q)
-        for q, config in run.queues.items():  # and make the VF look at every ring again
-            self.hw.kick(q, run.notify_offsets[q])
+        for q, v in sorted(rx.items()):
+            config = self._queue_config(v, states.get(q))
+            ring = MediatedRing(v.size, name=f"{self.name}-mediated-{q}")
+            sw.rings[q] = ring
+            self.fn.dma_map(iova, ring.memory, 0, ring.nbytes)
+            sw.iovas[q] = (iova, ring.nbytes)
+            ring.used_idx = config.last_used
+            ring.avail_idx = config.last_avail
+            sw.queues[q] = RelayQueue(sw.table, v.size, v.desc, v.avail, v.used, ring,
+                                      last_idx=config.last_used, event_idx=event_idx,
+                                      log=area.log, log_used_gpa=v.log_gpa)
+            sw.intr_fds[q] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            # The device writes its used entries to the mediated ring from now on.
+            run.queues[q] = QueueConfig(q, config.size, config.desc, config.avail,
+                                        iova + ring.used_offset, config.last_avail,
+                                        config.last_used, config.vector)
+            iova += ring.nbytes
         log.info("%s: software relay interposed on RX vrings %s", self.name, sorted(sw.queues))
 
     def _stop_sw(self, run: Running, states: dict[int, RingState]) -> dict[int, RingState]:
         """After the VF stopped: relay what is left, drop the mediated rings."""
         sw, run.sw = run.sw, None
+        vrings = {v.index: v for v in self._vrings(run)}
+        signalled = []
         for q, relay in sw.queues.items():
             try:
-                relay.relay_all()
+                batch = relay.relay_all()
             except RelayError as err:
                 log.error("%s: vring %d: final relay refused: %s", self.name, q, err)
+            else:
+                # An interrupt the guest asked for must not be lost with the
+                # relay: with EVENT_IDX it would never ask again.
+                if batch.signal and vrings[q].call_fd >= 0:
+                    os.eventfd_write(vrings[q].call_fd, 1)
+                    signalled.append(vrings[q].call_fd)
             used = relay.last_idx
             states[q] = RingState(used, used, states[q].hw_avail if q in states else used)
         for q, (iova, size) in sw.iovas.items():
@@ -467,6 +478,7 @@ class VdpaDevice:
             ring.close()
         for fd in sw.intr_fds.values():
             os.close(fd)
+        self.fn.eventfds_written(signalled)
         # The relayed queues run on the guest's own used rings from now on.
         for q in sw.queues:
             v = next(v for v in self._vrings(run) if v.index == q)
@@ -474,19 +486,49 @@ class VdpaDevice:
         return states
 
     def _switch(self, run: Running, to_sw: bool) -> None:
-        """Between direct and relayed operation while the guest runs: stop, save, restart."""
+        """Between direct and relayed operation while the guest runs.
+
+        With IFCVF's per-queue stop command only the RX queues pause, for a
+        stop handshake and a re-programming; TX keeps running and the device
+        is never reset.  Without it the whole device is stopped and restarted,
+        which only works while its rings are still at index 0.
+        """
         self._stop_relay(run)
-        states = self._stop_hw(run)
-        if run.sw is not None:
-            states = self._stop_sw(run, states)
         try:
-            if to_sw:
-                self._start_sw(run, states)
+            if self.hw.has_stop_command:
+                self._switch_rx_queues(run, to_sw)
             else:
-                self._start_direct(run, states)
+                states = self._stop_hw(run)
+                if run.sw is not None:
+                    states = self._stop_sw(run, states)
+                if to_sw:
+                    self._start_sw(run, states)
+                else:
+                    self._start_direct(run, states)
         except (HwError, HalError, RelayError, OSError, ValueError) as err:
             raise VdpaError(f"{self.name}: switching to {'software relay' if to_sw else 'direct mode'} "
                             f"failed: {err}") from None
+
+    def _switch_rx_queues(self, run: Running, to_sw: bool) -> None:
+        rx = [q for q in sorted(run.queues) if q % 2 == 0]
+        states = {q: self.hw.stop_queue(q) for q in rx}
+        if run.sw is not None:
+            states = self._stop_sw(run, states)
+        vrings = {v.index: v for v in self._vrings(run)}
+        if to_sw:
+            self._build_sw(run, {q: vrings[q] for q in rx}, states)
+        else:
+            for q in rx:
+                run.queues[q] = self._queue_config(vrings[q], states[q])
+        self._route_msix(run)
+        for q in rx:
+            self.hw.enable_queue(run.queues[q])
+        self._start_relay(run)
+        if run.sw is not None:
+            for q in run.sw.queues:
+                self.fn.eventfds_written(run.relay.catch_up(q).signalled)
+        for q in rx:
+            self.hw.kick(q, run.notify_offsets[q])
 
     # --- runtime changes ---------------------------------------------------------
     def vring_fds_changed(self, dev: VhostDevice) -> None:

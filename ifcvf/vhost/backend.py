@@ -19,7 +19,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from hal.memory import HostMemory
+from hal.memory import HostMemory, align_up
 from ifcvf import ids
 from ifcvf.dirtylog import DirtyLog, LogRangeError, log_size_for
 from ifcvf.vdpa import VdpaDevice, VdpaError, Vring
@@ -436,7 +436,9 @@ class VhostBackend:
             st = os.fstat(fd)
             if st.st_size < offset + size:
                 raise Refused(f"log fd holds {st.st_size} bytes, not {offset}+{size}")
-            mapping = LogMapping(HostMemory(offset + size, "vhost-log", fd=fd), offset, size)
+            # Whole pages: the VF's IOMMU maps pages, and a partial last page
+            # past the end of the file is still safe to map.
+            mapping = LogMapping(HostMemory(align_up(offset + size), "vhost-log", fd=fd), offset, size)
         except OSError as err:
             raise Refused(f"cannot map the log: {err}") from None
         old, self.log_mapping = self.log_mapping, mapping
