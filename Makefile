@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-SCENARIO ?= scenarios/bringup.toml
+SCENARIO ?= scenarios/live-migration.toml
 
 .PHONY: run test install clean
 

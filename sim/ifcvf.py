@@ -78,6 +78,10 @@ class IfcvfFunction:
         self.name = name
         self.layout: BarLayout = layout_for(config)
         self.errors: list[str] = []
+        # (cycle, queue, running): when each queue's engine started, and when it
+        # stopped for good (stop acknowledged, or reset).  A migration checker
+        # reads it to prove source and destination never ran at once.
+        self.activity: list[tuple[int, int, bool]] = []
         self.doorbell_mismatches = 0
 
         # A DmaDomain is an IommuDomain that counts its changes, so the datapath's C
@@ -517,6 +521,8 @@ class IfcvfFunction:
             self._record("reset_already_in_progress")
             return
         for queue in self.queues:
+            if queue.running or queue.stopping:
+                self.activity.append((self.world.now, queue.index, False))
             if queue.running:
                 queue.running = False
                 queue.engine.stop(lambda: None)
@@ -565,6 +571,7 @@ class IfcvfFunction:
                 or not self._status & vr.STATUS_DRIVER_OK):
             return
         queue.running = True
+        self.activity.append((self.world.now, queue.index, True))
         queue.engine.start()
 
     def _stop_queue(self, queue: QueueState) -> None:
@@ -599,6 +606,7 @@ class IfcvfFunction:
         queue.enabled = False
         queue.stopped = True
         queue.ring_state = queue.live_ring_state
+        self.activity.append((self.world.now, queue.index, False))
         self._record("queue_stopped", qid=queue.index, last_avail=queue.last_avail,
                      last_used=queue.last_used)
 

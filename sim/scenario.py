@@ -59,6 +59,32 @@ SCHEMA: dict[str, list[Key]] = {
         _key("queue_size", int, 256, "ring size of every queue", check=_pow2(2, 32768)),
         _key("ring_base", int, 0, "index the rings start (or resume) at", check=_range(0, 0xFFFF)),
         _key("guest_memory_mib", int, 64, "guest RAM in MiB", check=_range(4, 16384)),
+        _key("front_end", str, "qemu-7.2", "whose vhost-user message order",
+             choices=("qemu-7.2", "dpdk-virtio-user")),
+        _key("status", bool, True, "offer the STATUS protocol feature"),
+    ],
+    "traffic": [
+        _key("rx_gbps", float, 0.0, "load offered from the wire to the guest, Gb/s", check=_range(0.0, 400.0)),
+        _key("tx_gbps", float, 0.0, "load the guest sends, Gb/s", check=_range(0.0, 400.0)),
+        _key("frame_size", int, 1518, "Ethernet frame size with FCS, bytes", check=_range(64, 1518)),
+        _key("flows_per_pair", int, 2, "flows per queue pair and direction", check=_range(1, 64)),
+        _key("warmup_us", float, 200.0, "traffic before anything else happens", check=_range(0.0, 1e7)),
+        _key("duration_us", float, 1000.0, "traffic after the migration (or in all, without one)",
+             check=_range(1.0, 1e8)),
+    ],
+    "migration": [
+        _key("bandwidth_mib_s", float, 1024.0, "migration link bandwidth, MiB/s", check=_range(1.0, 1e6)),
+        _key("downtime_limit_ms", float, 300.0, "QEMU's downtime-limit", check=_range(0.001, 1e5)),
+        _key("max_iterations", int, 30, "give up (not converged) after this many", check=_range(1, 1000)),
+        _key("cancel_after", int, 0, "cancel after this many iterations (0: never)", check=_range(0, 1000)),
+        _key("back_and_forth", bool, False, "migrate A -> B, then back B -> A"),
+        _key("guest_dirty_mib_s", float, 0.0, "rate the guest's CPU dirties its RAM, MiB/s",
+             check=_range(0.0, 1e6)),
+        _key("guest_dirty_set_mib", int, 8, "RAM the guest's workload writes into, MiB", check=_range(0, 16384)),
+    ],
+    "expect": [
+        _key("converged", bool, True, "the migration converges (false: it must be reported as not)"),
+        _key("cancelled", bool, False, "the migration was cancelled on purpose"),
     ],
 }
 

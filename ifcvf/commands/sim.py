@@ -11,6 +11,12 @@ deterministic (the same seed prints the same trace digest in any process).
 The scenario's `kind` picks what runs:
   bringup    start a VF with N queue pairs through the HAL, stop it, show the
              negotiated features, queues, vectors and saved ring state
+  traffic    a guest behind a VF through the whole vhost-user stack, traffic
+             both ways, every frame checked
+  migration  the same, and the guest live-migrates to a second VF (pre-copy,
+             as QEMU does it); invariants: destination RAM equals source RAM,
+             no frame lost or duplicated, source and destination never run
+             together.  The exit status is 1 when an invariant fails.
 
 Scenario keys:
 """
@@ -28,6 +34,9 @@ def register(subparsers) -> None:
     run.add_argument("scenario", type=Path, help="the scenario TOML file")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    run.add_argument("--plot", type=Path, metavar="FILE.png",
+                     help="migration scenarios: write a PNG timeline (dirty pages per iteration, "
+                          "throughput over time, the switch-over marked)")
     run.set_defaults(func=cmd_run)
     sim.set_defaults(func=lambda args: sim.print_help() or 2)
 
@@ -51,7 +60,7 @@ def cmd_run(args) -> int:
         console.print(scenario.description)
     from ifcvf.runs import render
     try:
-        result = render.run(scenario, console)
+        result = render.run(scenario, console, plot=args.plot)
     except render.RunFailed as e:
         err.print(f"[bold red]failed:[/] {e}")
         return 1

@@ -1,18 +1,19 @@
 """Run a scenario by kind and render its results with rich."""
 from __future__ import annotations
 
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hal.api import HalError
 from ifcvf import ids
 from ifcvf.hw import HwError
-from hal.api import HalError
 
 
 class RunFailed(Exception):
     pass
 
 
-def run(scenario, console) -> dict:
+def run(scenario, console, plot=None) -> dict:
     if scenario.kind == "bringup":
         from ifcvf.runs import bringup
         try:
@@ -22,7 +23,27 @@ def run(scenario, console) -> dict:
             raise RunFailed(str(e)) from None
         show_bringup(result, console)
         return result.to_json()
-    raise RunFailed(f"scenario kind {scenario.kind!r} is not implemented yet")
+    from ifcvf.runs import migration
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+        world_ref = {}
+
+        def on_phase(phase, info):
+            it = info.get("iteration")
+            what = (f"iteration {it.index}: copied {it.pages_copied} pages, {it.remaining_pages} dirty"
+                    if it else phase)
+            progress.update(task, description=f"{what}")
+
+        runner = migration.MigrationRun(scenario, on_phase)
+        world_ref["world"] = runner.host.world
+        result = runner.run()
+    show_migration(result, console)
+    if plot:
+        from ifcvf.runs.plot import plot_migration
+        plot_migration(result, plot)
+        console.print(f"timeline plotted to {plot}")
+    return result
 
 
 def show_bringup(result, console) -> None:
@@ -42,3 +63,53 @@ def show_bringup(result, console) -> None:
     console.print(queues)
     console.print(f"simulated time {result.elapsed_ns / 1000:.1f} us, "
                   f"{result.trace_events} trace events, trace digest [bold]{result.trace_digest}[/]")
+
+
+def _mark(ok) -> str:
+    if ok is None:
+        return "[dim]n/a[/]"
+    return "[green]yes[/]" if ok else "[bold red]NO[/]"
+
+
+def show_migration(result: dict, console) -> None:
+    t = result["traffic"]
+    rates = Table(title="throughput delivered (Gb/s)")
+    for col in ("", "before", "during", "after"):
+        rates.add_column(col, justify="right")
+    for d in ("rx", "tx"):
+        rates.add_row("to the guest" if d == "rx" else "from the guest",
+                      *(f"{t[w][f'{d}_gbps']:.2f}" for w in ("before", "during", "after")))
+    console.print(rates)
+    mig = result.get("migration")
+    if mig:
+        its = Table(title=f"pre-copy ({mig['mode']} dirty logging)")
+        for col in ("leg", "iteration", "pages copied", "dirty: log", "dirty: guest CPU", "remaining", "us"):
+            its.add_column(col, justify="right")
+        for it in mig["per_iteration"]:
+            its.add_row(str(it["leg"]), str(it["iteration"]), str(it["pages_copied"]),
+                        str(it["dirty_log_pages"]), str(it["dirty_cpu_pages"]),
+                        str(it["remaining_pages"]), f"{it['duration_us']:.1f}")
+        console.print(its)
+        summary = Table(show_header=False, title="migration")
+        summary.add_row("legs / iterations", f"{mig['legs']} / {mig['iterations']}")
+        summary.add_row("converged", _mark(mig["converged"]))
+        summary.add_row("cancelled", "yes" if mig["cancelled"] else "no")
+        summary.add_row("total time", f"{mig['total_time_us'] / 1000:.3f} ms")
+        summary.add_row("downtime", f"{mig['downtime_us'] / 1000:.3f} ms")
+        summary.add_row("stop-and-copy pages", str(mig["stop_copy_pages"]))
+        console.print(summary)
+    inv = result["invariants"]
+    checks = Table(title="invariants", show_header=False)
+    checks.add_row("destination RAM equals source RAM", _mark(inv["memory_equal"]))
+    checks.add_row("frames lost (beyond VF drops)", str(inv["frames_lost"]))
+    checks.add_row("frames duplicated", str(inv["frames_duplicated"]))
+    checks.add_row("frames in order", _mark(inv["in_order"]))
+    checks.add_row("source and destination never ran together", _mark(inv["exclusive"]))
+    console.print(checks)
+    console.print(f"frames: guest sent {t['tx_sent_by_guest']}, left on a wire {t['tx_frames']}; "
+                  f"offered to the guest {t['rx_offered']}, delivered {t['rx_frames']}, "
+                  f"dropped by the VFs {t['rx_dropped_by_vf'] or 0}")
+    for problem in result["problems"]:
+        console.print(f"[bold red]problem:[/] {problem}")
+    console.print(f"simulated {result['simulated_us'] / 1000:.3f} ms in {result['wall_s']:.2f} s, "
+                  f"trace digest [bold]{result['trace_digest']}[/]")

@@ -192,7 +192,8 @@ class VhostServer:
         try:
             frames = conn.reader.read_from(conn.sock)
         except ConnectionClosed as err:
-            self._drop(conn, f"front-end disconnected ({err})")
+            log.info("%s: front-end disconnected (%s)", conn.name, err)
+            self._close_conn(conn)
             return 0
         except ProtocolError as err:
             self._drop(conn, f"unreadable stream: {err}")

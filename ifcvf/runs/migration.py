@@ -1,0 +1,380 @@
+"""Traffic and live-migration scenarios on simulated VFs, with invariants that can fail.
+
+One world holds a source VF and a destination VF, each behind its own
+vhost-user back-end, a guest (``sim.guest.GuestNet``) in source RAM, and a
+tester port with a traffic generator and a sink cabled to the source VF.  The
+QEMU role (``sim.migration.PreCopy``) migrates the guest; at switch-over the
+guest continues in destination RAM on the destination VF and the cable moves
+with it.  Checked on every run:
+
+1. memory: at switch-over, destination RAM equals source RAM page by page;
+2. frames: every frame the guest sent left on a wire exactly once, and every
+   frame offered to the guest was delivered exactly once and in order, except
+   frames a VF dropped itself before any DMA (counted by the VF, with the
+   reason); anything else is reported as lost or duplicated, with the
+   descriptors that were in flight at switch-over;
+3. exclusion: no queue of the source ran while one of the destination did.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from hal.memory import HostMemory, align_up
+from ifcvf.devargs import parse as parse_devargs
+from ifcvf.runs.stack import SimHost, Vf, Vm, cable, steer_by_flow
+from sim.migration import (CpuDirtyTracker, Outcome, PreCopy, PreCopyConfig, log_bytes_for,
+                           regions_of)
+from sim.scenario import Scenario, device_config
+from sim.traffic import Generator, Sink
+from sim.wire import connect, disconnect
+
+PAGE = 4096
+SAMPLE_US = 20.0
+
+
+@dataclass
+class Sample:
+    t_us: float
+    rx_bytes: int
+    tx_bytes: int
+
+
+@dataclass
+class Leg:
+    """One migration: from VF ``src`` to VF ``dst``."""
+
+    src: str
+    dst: str
+    outcome: Outcome
+    start_us: float
+    in_flight: dict[int, tuple[int, int]] = field(default_factory=dict)  # q -> (base, avail idx)
+    skipped_pages: list[int] = field(default_factory=list)
+
+
+class MigrationRun:
+    def __init__(self, scenario: Scenario, progress=None):
+        self.scenario = scenario
+        self.progress = progress or (lambda phase, info: None)
+        drv = scenario.section("driver")
+        self.traffic = scenario.section("traffic")
+        self.mig = scenario.section("migration")
+        self.pairs = drv["queue_pairs"]
+        self.devargs = parse_devargs(drv["devargs"])
+        self.host = SimHost(seed=scenario.seed)
+        config = device_config(scenario.device)
+        if config.queue_pairs < self.pairs:
+            config = config.replace(queue_pairs=self.pairs)
+        self.vfs = [self.host.add_vf(config, drv["devargs"])]
+        if scenario.kind == "migration":
+            self.vfs.append(self.host.add_vf(config, drv["devargs"]))
+        world = self.host.world
+        flows = self.traffic["flows_per_pair"]
+        self.vm = Vm(self.host, pairs=self.pairs, queue_size=drv["queue_size"],
+                     ram_mib=drv["guest_memory_mib"], tx_rate_gbps=self.traffic["tx_gbps"],
+                     tx_sizes=self.traffic["frame_size"], tx_flows=flows, rx_flows=flows * self.pairs)
+        self.style, self.status = drv["front_end"], drv["status"]
+        self.fe = self.vm.plug(self.vfs[0], style=self.style, status=self.status)
+        self.current = self.vfs[0]
+        self.active = list(range(self.pairs))
+        for vf in self.vfs:
+            vf.model.datapath.steer = steer_by_flow(self.active)
+        self.tester = cable(world, self.current)
+        self.sink = Sink(world, self.tester, flows=flows * self.pairs, flow_base=self.vm.guest.tx_flow_base)
+        self.gen = None
+        if self.traffic["rx_gbps"] > 0:
+            size = self.traffic["frame_size"]
+            burst = max(32, min(512, 32768 // size))
+            self.gen = Generator(world, self.tester, size, rate_gbps=self.traffic["rx_gbps"],
+                                 burst=burst, flows=flows * self.pairs, flow_run=burst)
+        self.samples: list[Sample] = []
+        self.legs: list[Leg] = []
+        self.leaked: list[str] = []
+
+    # --- traffic accounting ------------------------------------------------------
+    def _sample(self):
+        world = self.host.world
+        step = world.cycles(SAMPLE_US * 1000)
+        while True:
+            self.samples.append(Sample(world.now_ns() / 1000, self.vm.guest.rx_counts().bytes,
+                                       self.sink.counts().bytes))
+            yield world.timeout(step)
+
+    def _rate(self, t0_us: float, t1_us: float) -> dict:
+        pts = [s for s in self.samples if t0_us <= s.t_us <= t1_us]
+        if len(pts) < 2 or pts[-1].t_us <= pts[0].t_us:
+            return {"rx_gbps": 0.0, "tx_gbps": 0.0}
+        dt = (pts[-1].t_us - pts[0].t_us) * 1e-6
+        return {"rx_gbps": round((pts[-1].rx_bytes - pts[0].rx_bytes) * 8 / dt / 1e9, 3),
+                "tx_gbps": round((pts[-1].tx_bytes - pts[0].tx_bytes) * 8 / dt / 1e9, 3)}
+
+    # --- migration ---------------------------------------------------------------
+    def _cpu_ranges(self) -> list[tuple[int, int]]:
+        """What the guest's CPU writes as it runs: ring metadata, private blocks, TX buffers."""
+        ranges = []
+        for lay in self.vm.guest.layout:
+            ranges.append((lay.desc, lay.used - lay.desc))
+            ranges.append((lay.priv, PAGE))
+            if lay.is_tx:
+                ranges.append((lay.seq or lay.priv, PAGE))
+                ranges.append((lay.bufs, lay.nslots * lay.buf_size))
+        return ranges
+
+    def _migrate(self, src: Vf, dst: Vf, src_ram, dst_ram) -> Leg:
+        world = self.host.world
+        log_size = log_bytes_for(src_ram.size)
+        log_memory = HostMemory(align_up(max(log_size, PAGE)), "qemu-vhost-log")
+        cpu = CpuDirtyTracker(world, src_ram, always=self._cpu_ranges(),
+                              workload_base=self.vm.layout_end,
+                              workload_size=min(self.mig["guest_dirty_set_mib"] << 20,
+                                                src_ram.size - self.vm.layout_end),
+                              rate_bytes_per_s=self.mig["guest_dirty_mib_s"] * (1 << 20),
+                              name=f"cpu-{src.model.name}")
+        leg = Leg(src.model.name, dst.model.name, None, world.now_ns() / 1000)
+        vm, fe_src = self.vm, self.fe
+
+        def pause_guest():
+            vm.guest.pause()
+
+        def start_destination(bases):
+            for q in range(2 * self.pairs):
+                leg.in_flight[q] = (bases[q], vm.guest.ring_indexes(q)[0])
+            # The cable first: the destination VF transmits the frames left in
+            # flight as soon as it starts, and they must reach the network.
+            disconnect(self.tester)
+            connect(dst.model.port, self.tester)
+            self.current = dst
+            fe_dst = self.host.connect(dst, style=self.style, status=self.status,
+                                       name=f"{vm.name}@{dst.model.name}")
+            fe_dst.connect(2 * self.pairs)
+            fe_dst.start(fe_src.acked_features & ~(1 << 26), regions_of(dst_ram), vm.rings, bases=bases)
+            vm.guest.remap(dst_ram)
+            vm.attach(fe_dst)
+            self.fe = fe_dst
+            vm.guest.resume()
+            vm.guest.kick_all()
+            fe_src.close()   # the source QEMU goes away
+
+        config = PreCopyConfig(bandwidth_bytes_per_s=self.mig["bandwidth_mib_s"] * (1 << 20),
+                               downtime_limit_ns=int(self.mig["downtime_limit_ms"] * 1e6),
+                               max_iterations=self.mig["max_iterations"],
+                               cancel_after=self.mig["cancel_after"])
+        precopy = PreCopy(world, source=fe_src, rings=vm.rings, src_ram=src_ram, dst_ram=dst_ram,
+                          log_memory=log_memory, cpu=cpu, config=config, pause_guest=pause_guest,
+                          start_destination=start_destination,
+                          on_progress=lambda phase, info: self.progress(phase, info))
+        try:
+            leg.outcome = precopy.run()
+        finally:
+            cpu.paused = True
+            log_memory.close()
+        leg.skipped_pages = list(src.model.datapath.skipped_pages)
+        if leg.outcome.cancelled or not leg.outcome.converged:
+            self._check_direct_again(src)
+        return leg
+
+    def _check_direct_again(self, vf: Vf) -> None:
+        """After a cancel the VF must be back to plain operation with nothing left over."""
+        guest_maps = [(r.gpa, r.size) for r in vf.backend.memory.regions]
+        maps = vf.model.iommu.mappings()
+        if maps != guest_maps:
+            self.leaked.append(f"{vf.model.name}: IOMMU mappings {maps} besides guest memory {guest_maps}")
+        if vf.model.lm.logging_enabled:
+            self.leaked.append(f"{vf.model.name}: hardware logging still on")
+        if vf.driver.mode != "direct":
+            self.leaked.append(f"{vf.model.name}: driver still in mode {vf.driver.mode}")
+
+    # --- the run -------------------------------------------------------------------
+    def run(self) -> dict:
+        world = self.host.world
+        wall0 = time.perf_counter()
+        world.process(self._sample())
+        self.vm.guest.start()
+        if self.gen:
+            self.gen.start()
+        t_start = world.now_ns() / 1000
+        self.progress("traffic", {})
+        world.advance_ns(self.traffic["warmup_us"] * 1000)
+        t_mig = world.now_ns() / 1000
+        rams = [self.vm.ram]
+        if self.scenario.kind == "migration":
+            dst_ram = HostMemory(self.vm.ram.size, "dst-ram")
+            rams.append(dst_ram)
+            legs = [(self.vfs[0], self.vfs[1], self.vm.ram, dst_ram)]
+            if self.mig["back_and_forth"]:
+                legs.append((self.vfs[1], self.vfs[0], dst_ram, self.vm.ram))
+            for i, (src, dst, sram, dram) in enumerate(legs):
+                if i:
+                    world.advance_ns(self.traffic["warmup_us"] * 1000)
+                leg = self._migrate(src, dst, sram, dram)
+                self.legs.append(leg)
+                if not (leg.outcome.converged and not leg.outcome.cancelled):
+                    break
+        t_switch = world.now_ns() / 1000
+        world.advance_ns(self.traffic["duration_us"] * 1000)
+        t_end = world.now_ns() / 1000
+        self.progress("drain", {})
+        if self.gen:
+            self.gen.stop()
+        self.vm.guest.stop_tx()
+        self._drain()
+        result = self._report(t_start, t_mig, t_switch, t_end)
+        result["wall_s"] = round(time.perf_counter() - wall0, 3)
+        self.host.close()
+        for ram in rams[1:]:
+            ram.close()
+        return result
+
+    def _drain(self, step_us: float = 100.0, limit_us: float = 50_000.0) -> None:
+        """Run until every frame in flight has landed: rings, FIFOs and wires quiet.
+
+        A guest that is the bottleneck (64 B at 100 Gb/s) has thousands of
+        frames queued when traffic stops; counting before they land would
+        call them lost."""
+        world = self.host.world
+        quiet, waited, last = 0, 0.0, None
+        while quiet < 3 and waited < limit_us:
+            world.advance_ns(step_us * 1000)
+            waited += step_us
+            now = (self.vm.guest.rx_counts().frames, self.sink.counts().frames,
+                   sum(sum(vf.model.datapath.stats()["queues"][q].get("fifo_frames", 0)
+                           for q in vf.model.datapath.stats()["queues"]) for vf in self.vfs))
+            quiet = quiet + 1 if now == last and not now[2] else 0
+            last = now
+
+    # --- invariants and the report ------------------------------------------------------
+    def _vf_drops(self) -> dict:
+        out = {}
+        for vf in self.vfs:
+            for q, st in vf.model.datapath.stats()["queues"].items():
+                if st["kind"] == "rx":
+                    for why in ("fifo_drops", "not_running_drops", "stop_drops", "too_big", "oversize"):
+                        if st.get(why):
+                            key = why.removesuffix("_drops")
+                            out[key] = out.get(key, 0) + st[why]
+        return out
+
+    def _exclusion(self) -> list[str]:
+        """Times when a queue of one VF ran while a queue of another VF also ran."""
+        def intervals(vf):
+            spans, open_ = [], {}
+            for cycle, q, running in vf.model.activity:
+                if running:
+                    open_.setdefault(q, cycle)
+                elif q in open_:
+                    spans.append((open_.pop(q), cycle, q))
+            end = self.host.world.now
+            spans += [(start, end, q) for q, start in open_.items()]
+            return spans
+        problems = []
+        if len(self.vfs) < 2:
+            return problems
+        a, b = (intervals(vf) for vf in self.vfs)
+        for s0, e0, q0 in a:
+            for s1, e1, q1 in b:
+                if s0 < e1 and s1 < e0:
+                    problems.append(f"{self.vfs[0].model.name} queue {q0} [{s0}, {e0}) overlaps "
+                                    f"{self.vfs[1].model.name} queue {q1} [{s1}, {e1}) (cycles)")
+        return problems
+
+    def _report(self, t_start, t_mig, t_switch, t_end) -> dict:
+        guest = self.vm.guest
+        rx = guest.rx_counts()
+        tx = self.sink.counts()
+        drops = self._vf_drops()
+        dropped = sum(drops.values())
+        offered = self.gen.frames if self.gen else 0
+        rx_missing = offered - rx.frames
+        rx_unexplained = rx_missing - dropped
+        tx_missing = guest.tx_frames() - tx.frames
+        frames_lost = max(0, rx_unexplained) + max(0, tx_missing)
+        frames_dup = rx.duplicates + rx.stale + tx.duplicates + tx.stale
+        mismatched = sorted({p for leg in self.legs for p in leg.outcome.mismatched_pages})
+        compared = any(leg.outcome.memory_compared for leg in self.legs)
+        exclusion = self._exclusion()
+        in_flight = {}
+        for leg in self.legs:
+            for q, (base, avail) in leg.in_flight.items():
+                if avail != base:
+                    in_flight.setdefault(f"{leg.src}->{leg.dst}", {})[q] = {
+                        "base": base, "avail": avail, "descriptors": (avail - base) & 0xFFFF}
+        problems = []
+        if mismatched:
+            problems.append(f"{len(mismatched)} pages differ at switch-over: {mismatched[:20]}")
+        if frames_lost:
+            problems.append(f"{frames_lost} frames lost beyond what the VFs dropped "
+                            f"(rx missing {rx_missing}, VF drops {dropped}, tx missing {tx_missing}); "
+                            f"in flight at switch-over: {in_flight}")
+        if frames_dup:
+            problems.append(f"{frames_dup} frames duplicated; in flight at switch-over: {in_flight}")
+        if rx.out_of_order or tx.out_of_order or rx.corrupted or tx.corrupted:
+            problems.append(f"frames out of order or corrupted: rx {rx.as_dict()}, tx {tx.as_dict()}")
+        problems += exclusion + self.leaked
+        problems += [f"guest: {e}" for e in guest.errors]
+        for vf in self.vfs:
+            problems += [f"{vf.model.name}: {e}" for e in vf.model.errors]
+        last = self.legs[-1].outcome if self.legs else None
+        expect = self.scenario.section("expect")
+        if self.legs:
+            converged = all(l.outcome.converged for l in self.legs)
+            cancelled = any(l.outcome.cancelled for l in self.legs)
+            if not cancelled and converged != expect["converged"]:
+                problems.append(f"the migration {'converged' if converged else 'did not converge'}; "
+                                f"the scenario expects it {'to' if expect['converged'] else 'not to'}")
+            if cancelled != expect["cancelled"]:
+                problems.append(f"cancelled: {cancelled}, expected {expect['cancelled']}")
+        migration = {}
+        if self.legs:
+            migration = {
+                "mode": "sw" if self.devargs.sw_live_migration else "hw",
+                "legs": len(self.legs),
+                "iterations": sum(len(l.outcome.iterations) for l in self.legs),
+                "converged": all(l.outcome.converged for l in self.legs),
+                "cancelled": any(l.outcome.cancelled for l in self.legs),
+                "downtime_us": round(max(l.outcome.downtime_ns for l in self.legs) / 1000, 3),
+                "total_time_us": round(sum(l.outcome.total_ns for l in self.legs) / 1000, 3),
+                "stop_copy_pages": last.stop_copy_pages,
+                "per_iteration": [
+                    {"leg": i, "iteration": it.index, "pages_copied": it.pages_copied,
+                     "dirty_log_pages": it.dirty_log_pages, "dirty_cpu_pages": it.dirty_cpu_pages,
+                     "remaining_pages": it.remaining_pages, "duration_us": round(it.duration_ns / 1000, 3)}
+                    for i, l in enumerate(self.legs) for it in l.outcome.iterations],
+                "bases": {f"{l.src}->{l.dst}": l.outcome.bases for l in self.legs},
+                "skipped_dirty_marks": sorted({p for l in self.legs for p in l.skipped_pages}),
+            }
+        return {
+            "scenario": self.scenario.name,
+            "kind": self.scenario.kind,
+            "seed": self.scenario.seed,
+            "ok": not problems,
+            "problems": problems,
+            "invariants": {
+                "memory_equal": (not mismatched) if compared else None,
+                "mismatched_pages": mismatched,
+                "frames_lost": frames_lost,
+                "frames_duplicated": frames_dup,
+                "in_order": not (rx.out_of_order or tx.out_of_order),
+                "exclusive": not exclusion,
+                "in_flight_at_switchover": in_flight,
+            },
+            "migration": migration,
+            "traffic": {
+                "tx_frames": tx.frames, "rx_frames": rx.frames,
+                "tx_sent_by_guest": guest.tx_frames(), "rx_offered": offered,
+                "rx_dropped_by_vf": drops,
+                "before": self._rate(t_start, t_mig),
+                "during": self._rate(t_mig, t_switch),
+                "after": self._rate(t_switch, t_end),
+            },
+            "timeline": [[s.t_us, s.rx_bytes, s.tx_bytes] for s in self.samples],
+            "phases_us": {"traffic_start": t_start, "migration_start": t_mig,
+                          "switchover": [round(l.outcome.switchover_ns / 1000, 3) for l in self.legs
+                                         if l.outcome.switchover_ns],
+                          "end": t_end},
+            "simulated_us": round(t_end - t_start, 3),
+            "trace_digest": self.host.world.digest(),
+        }
+
+
+def run(scenario: Scenario, progress=None) -> dict:
+    return MigrationRun(scenario, progress).run()
