@@ -598,9 +598,9 @@ struct ifc_dp_log {
     uint64_t words;           /* distinct consecutive 8-byte log words written (PCIe cost) */
     uint64_t last_word;
     uint64_t range_faults;    /* pages beyond [base, end): not written */
-    uint64_t first_range_fault;
+    uint64_t last_range_fault;        /* the page of the latest one */
     uint64_t unmapped_faults; /* log IOVA not mapped: not written */
-    uint64_t first_unmapped_fault;
+    uint64_t last_unmapped_fault;     /* the log IOVA of the latest one */
     uint64_t cache_iova;      /* last log segment (private) */
     uint64_t cache_size;
     uint8_t *cache_host;
@@ -707,5 +707,25 @@ int64_t ifc_link_write(struct ifc_link *l, int64_t now, int64_t cycle, uint32_t 
  * returns the cycle they are visible in host memory. */
 int64_t ifc_link_used_write(struct ifc_link *l, int64_t now, int64_t cycle, const struct ifc_dp_vq *q,
                             uint32_t in_flight, uint32_t n);
+
+/* One engine round's timeline (cycles). */
+struct ifc_dp_times {
+    int64_t fetched;              /* descriptors in */
+    int64_t data_in;              /* TX: last data completion in; RX: last data write sent */
+    int64_t visible;              /* used elements + used->idx visible to the driver */
+};
+
+/* A whole TX round: zero r, ifc_dp_tx_fetch, then its timing on the link
+ * (control reads, data read, ready[i] per frame, used write after in_flight
+ * unpublished entries).  Returns what ifc_dp_tx_fetch returned. */
+int64_t ifc_dp_tx_round(struct ifc_dp_vq *q, struct ifc_link *l, int64_t now, uint32_t max_chains,
+                        uint8_t *out, uint64_t out_cap, uint32_t *lengths, uint32_t *ids,
+                        uint64_t *cum, int64_t *ready, uint32_t in_flight,
+                        struct ifc_dp_round *r, struct ifc_dp_times *t);
+/* The timing of an RX round whose fills are summed in r: control reads, data
+ * (and log_words 8-byte dirty-log) writes, used write. */
+void ifc_dp_rx_timing(struct ifc_link *l, int64_t now, const struct ifc_dp_vq *q,
+                      const struct ifc_dp_round *r, uint32_t in_flight, uint64_t log_words,
+                      struct ifc_dp_times *t);
 
 #endif

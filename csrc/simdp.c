@@ -401,8 +401,7 @@ static void log_mark(struct ifc_dp_log *log, const struct ifc_dp_mem *m, uint64_
         }
         uint64_t byte_iova = log->base + (page >> 3);
         if (byte_iova < log->base || byte_iova >= log->end) {
-            if (!log->range_faults)
-                log->first_range_fault = page;
+            log->last_range_fault = page;
             log->range_faults++;
             continue;
         }
@@ -412,8 +411,7 @@ static void log_mark(struct ifc_dp_log *log, const struct ifc_dp_mem *m, uint64_
         } else {
             const struct ifc_dp_seg *s = seg_find(m, byte_iova);
             if (s == NULL) {
-                if (!log->unmapped_faults)
-                    log->first_unmapped_fault = byte_iova;
+                log->last_unmapped_fault = byte_iova;
                 log->unmapped_faults++;
                 continue;
             }
@@ -878,4 +876,49 @@ int64_t ifc_link_used_write(struct ifc_link *l, int64_t now, int64_t cycle, cons
     uint64_t addr = q->used_iova + 4 + 8ull * slot;
     uint32_t tlps = chunks(addr, 8ull * first, l->mps) + chunks(q->used_iova + 4, 8ull * (n - first), l->mps);
     return ifc_link_write(l, now, cycle, tlps + 1, 8ull * n + 2) + l->wr_lat_cycles;
+}
+
+/* ------------------------------------------------------- whole rounds */
+
+int64_t ifc_dp_tx_round(struct ifc_dp_vq *q, struct ifc_link *l, int64_t now, uint32_t max_chains,
+                        uint8_t *out, uint64_t out_cap, uint32_t *lengths, uint32_t *ids,
+                        uint64_t *cum, int64_t *ready, uint32_t in_flight,
+                        struct ifc_dp_round *r, struct ifc_dp_times *t)
+{
+    if (l == NULL || t == NULL || r == NULL || (max_chains && ready == NULL))
+        return IFC_ERR_ARG;
+    memset(r, 0, sizeof *r);
+    memset(t, 0, sizeof *t);
+    int64_t n = ifc_dp_tx_fetch(q, max_chains, out, out_cap, lengths, ids, cum, r);
+    if (n < 0)
+        return n;                       /* the queue failed: no timing matters any more */
+    t->fetched = ifc_link_fetch(l, now, now, r);
+    t->data_in = t->fetched;
+    t->visible = now;
+    if (n == 0)
+        return 0;
+    if (r->frames) {
+        uint64_t end = ifc_link_read(l, now, t->fetched, r->data_reqs, r->data_bytes, r->data_cpls, 0);
+        t->data_in = to_cycle(l, end);
+        uint64_t span = cum[r->frames - 1] * l->tpb;
+        ifc_dp_ready_times(cum, r->frames, end > span ? end - span : 0, l->tpb, l->tpc, ready);
+    }
+    t->visible = ifc_link_used_write(l, now, t->data_in, q, in_flight, (uint32_t)n);
+    return n;
+}
+
+void ifc_dp_rx_timing(struct ifc_link *l, int64_t now, const struct ifc_dp_vq *q,
+                      const struct ifc_dp_round *r, uint32_t in_flight, uint64_t log_words,
+                      struct ifc_dp_times *t)
+{
+    if (l == NULL || q == NULL || r == NULL || t == NULL)
+        return;
+    t->fetched = ifc_link_fetch(l, now, now, r);
+    t->data_in = t->fetched;
+    t->visible = now;
+    if (!r->chains)
+        return;
+    t->data_in = ifc_link_write(l, now, t->fetched, r->data_reqs + (uint32_t)log_words,
+                                r->data_bytes + 8 * log_words);
+    t->visible = ifc_link_used_write(l, now, t->data_in, q, in_flight, r->chains);
 }

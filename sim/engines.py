@@ -200,15 +200,15 @@ class Datapath:
             count = log.range_faults - self._log_faults_seen
             self._log_faults_seen = log.range_faults
             self.world.record(self.name, "dirty_log_fault", qid=qid, count=count,
-                              first_page=log.first_range_fault, base=log.base, end=log.end,
+                              last_page=log.last_range_fault, base=log.base, end=log.end,
                               reason="page beyond the log end")
         if log.unmapped_faults != self._log_unmapped_seen:
             count = log.unmapped_faults - self._log_unmapped_seen
             self._log_unmapped_seen = log.unmapped_faults
-            self.fn.iommu.record_fault(log.first_unmapped_fault, 1, "write",
+            self.fn.iommu.record_fault(log.last_unmapped_fault, 1, "write",
                                        "dirty log page not mapped")
             self.world.record(self.name, "dirty_log_fault", qid=qid, count=count,
-                              first_iova=log.first_unmapped_fault, reason="log not mapped")
+                              last_iova=log.last_unmapped_fault, reason="log not mapped")
 
     def log_counts(self) -> dict:
         log = self.log
@@ -254,6 +254,7 @@ class _Engine:
         self.source = f"{dp.name}.q{queue.index}"
         self.cq = ffi.new("struct ifc_dp_vq *")
         self.round = ffi.new("struct ifc_dp_round *")
+        self.times = ffi.new("struct ifc_dp_times *")
         self.batch = dp.config.engine_batch
         self.depth = dp.config.engine_fetch_depth
         self.running = False
@@ -412,14 +413,6 @@ class _Engine:
             return max(now + gap, fetching[0])
         return now + gap
 
-    def _fetch_timing(self, now: int, r) -> int:
-        """Cycle the batch's descriptors are in (avail idx, ring, descriptor reads)."""
-        return self.dp.link.fetch(now, r)
-
-    def _used_write(self, cycle: int, n: int) -> int:
-        """Send n used elements + used->idx from ``cycle``; the cycle they are visible."""
-        return self.dp.link.used_write(cycle, self.cq, self._in_flight, n)
-
     def _complete_later(self, cycle: int, ids: bytes, lens: bytes, n: int) -> None:
         self._pending.append((ids, lens, n))
         self._in_flight += n
@@ -518,6 +511,7 @@ class TxEngine(_Engine):
         self._ids = ffi.new("uint32_t[]", n)
         self._cum = ffi.new("uint64_t[]", n)
         self._ready = ffi.new("int64_t[]", n)
+        self._zero_lens = bytes(4 * n)
         self.runts = 0
         self.oversize = 0
 
@@ -541,46 +535,39 @@ class TxEngine(_Engine):
 
     def _round(self) -> None:
         now = self.env.now
-        cq, r, dp = self.cq, self.round, self.dp
-        ffi.memmove(r, _ZERO_ROUND, _ROUND_SIZE)
-        self._busy()
-        n = lib.ifc_dp_tx_fetch(cq, self.batch, self._out, self._out_cap, self._lens, self._ids,
-                                self._cum, r)
+        cq, r, dp, t = self.cq, self.round, self.dp, self.times
+        if self._notify_on:
+            self._busy()
+        n = lib.ifc_dp_tx_round(cq, dp.link.c, now, self.batch, self._out, self._out_cap,
+                                self._lens, self._ids, self._cum, self._ready, self._in_flight,
+                                r, t)
         self.queue.last_avail = cq.last_avail
+        self.rounds += 1
         if n < 0:
             n = 0
-        self.rounds += 1
-        link = dp.link
-        fetched = self._fetch_timing(now, r)
-        self._fetching.append(fetched)
+        self._fetching.append(t.fetched)
         wire_done = now
         if n:
             frames = r.frames
             if frames:
-                end, data_in = link.read(fetched, r.data_reqs, r.data_bytes, r.data_cpls)
-                # frame i is in once its completions are: the stream ends at ``end``
-                base = end - self._cum[frames - 1] * link.tpb
-                lib.ifc_dp_ready_times(self._cum, frames, base, link.tpb, link.tpc, self._ready)
                 lengths = array("I")
                 lengths.frombytes(ffi.buffer(self._lens, 4 * frames))
-                batch = FrameBatch(bytearray(ffi.buffer(self._out, r.out_bytes)), lengths,
+                out_bytes = r.out_bytes
+                batch = FrameBatch(bytearray(ffi.buffer(self._out, out_bytes)), lengths,
                                    _ZERO_TIME * frames)
                 wire_done = dp.port.transmit(batch, now, ready=self._ready)
-            else:
-                data_in = fetched
-            visible = self._used_write(data_in, n)
-            ids = bytes(ffi.buffer(self._ids, 4 * n))
-            self._complete_later(visible, ids, bytes(4 * n), n)
+                self.frames += frames
+                self.bytes += out_bytes
+            visible = t.visible
+            self._complete_later(visible, bytes(ffi.buffer(self._ids, 4 * n)),
+                                 self._zero_lens if n == self.batch else bytes(4 * n), n)
             self.chains += n
-            self.frames += frames
-            self.bytes += r.out_bytes
             if r.dropped:
                 self.dropped += r.dropped
                 self.runts += r.runts
                 self.oversize += r.oversize
                 self.world.record(self.source, "tx_dropped", runts=r.runts, oversize=r.oversize)
-            self.world.record(self.source, "tx_round", chains=n, frames=frames,
-                              bytes=r.out_bytes, done=visible, wire=wire_done)
+            self.world.record(self.source, "tx_round", chains=n, frames=frames, done=visible)
         if cq.error:
             self._fault()
             return
@@ -671,7 +658,12 @@ class RxEngine(_Engine):
                            ffi.from_buffer("uint32_t[]", batch.lengths), 0, 0, count, nbytes])
         self._fifo_bytes += nbytes
         if not self._scheduled and not self._starved:
-            self._schedule(self._slot(self.env.now, 0))
+            now = self.env.now
+            start = self._slot(now, 0)
+            if start == now:          # a free fetch slot: the round starts in this event
+                self._wake(self._token)
+            else:
+                self._schedule(start)
 
     def _round(self) -> None:
         if not self._fifo:
@@ -709,24 +701,18 @@ class RxEngine(_Engine):
         if log != ffi.NULL:
             dp.after_log(self.qid)
         self.rounds += 1
-        link = dp.link
-        fetched = self._fetch_timing(now, r)
-        self._fetching.append(fetched)
+        t = self.times
+        lib.ifc_dp_rx_timing(dp.link.c, now, cq, r, self._in_flight,
+                             dp.log.words if log != ffi.NULL else 0, t)
+        self._fetching.append(t.fetched)
         if used:
-            wr_tlps = r.data_reqs
-            wr_bytes = r.data_bytes
-            if log != ffi.NULL:        # the log words written, 8 bytes each
-                wr_tlps += dp.log.words
-                wr_bytes += 8 * dp.log.words
-            data_sent = link.write(fetched, wr_tlps, wr_bytes)
-            visible = self._used_write(data_sent, used)
+            visible = t.visible
             self._complete_later(visible, bytes(ffi.buffer(self._ids, 4 * used)),
                                  bytes(ffi.buffer(self._lens, 4 * used)), used)
             self.chains += used
             self.frames += r.frames
             self.bytes += r.frame_bytes
-            self.world.record(self.source, "rx_round", chains=used, frames=r.frames,
-                              bytes=r.frame_bytes, done=visible)
+            self.world.record(self.source, "rx_round", chains=used, frames=r.frames, done=visible)
         if r.dropped:
             self.dropped += r.dropped
             self.too_big += r.too_big
@@ -744,7 +730,7 @@ class RxEngine(_Engine):
                 self.starvations += 1
                 self.world.record(self.source, "rx_starved", waiting=sum(s[5] for s in fifo))
             return
-        if used:
+        if used and self._notify_on:
             self._busy()
         if fifo:
             self._schedule(self._slot(now))

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from test_engine_rig import ALL, BASE_FEATURES, EVENT_IDX, MRG, VERSION_1, Rig, frame
+from test_engine_rig import ALL, BASE_FEATURES, EVENT_IDX, VERSION_1, Rig, frame
 from sim.config import IfcvfConfig
 from sim.virtqueue import USED_F_NO_NOTIFY
 

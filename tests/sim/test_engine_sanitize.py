@@ -1,0 +1,48 @@
+"""The device datapath's C (csrc/simdp.c) under AddressSanitizer + UBSan.
+
+The hostile-ring, property, engine and dirty-logging tests run in a child
+process against a sanitized build (tests/sanitize/relay_sanitized.py does the
+build and the run); any out-of-bounds access or undefined behaviour fails it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "sanitize" / "relay_sanitized.py"
+TESTS = ["tests/property/test_engine_props.py", "tests/sim/test_engine_faults.py",
+         "tests/sim/test_engine_rx.py", "tests/sim/test_engine_tx.py",
+         "tests/sim/test_dirty_logging.py", "tests/sim/test_wire.py"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("relay_sanitized", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_datapath_c_is_clean_under_asan_and_ubsan(tmp_path):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    for lib in ("libasan.so", "libubsan.so"):
+        path = subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True,
+                              text=True).stdout.strip()
+        if not os.path.isabs(path):
+            pytest.skip(f"gcc has no {lib} (install libasan/libubsan for gcc)")
+    sanitize = load_script()
+    so = sanitize.build(tmp_path)
+    done = sanitize.run(so, ["-q", "-p", "no:cacheprovider", *[str(ROOT / t) for t in TESTS]],
+                        timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert not sanitize.REPORT.search(out), out[-4000:]
+    assert " passed" in out
