@@ -440,8 +440,12 @@ struct ifc_notify_ctx {
     int32_t stop_fd;
     uint32_t busy;            /* run or step in progress */
     int32_t sys_errno;        /* errno of the last IFC_ERR_SYS */
-    uint32_t reserved;
+    uint32_t poll_ns;         /* follow-up poll after a relay, 0: none (see ifc_notify_set_poll) */
     uint64_t wakeups;         /* epoll_wait returns with events */
+    int32_t timer_fd;         /* run(): the follow-up poll timer, -1: none */
+    uint32_t poll_pending;    /* a relay moved entries: poll again after poll_ns */
+    uint32_t timer_armed;
+    uint32_t reserved;
 };
 
 /* Create the epoll set and the stop eventfd; fds are made O_NONBLOCK. */
@@ -455,6 +459,16 @@ int ifc_notify_step(struct ifc_notify_ctx *ctx, struct ifc_notify_event *out, ui
 /* Relay queue qid now (as an interrupt would); events out as for step. */
 int ifc_notify_catch_up(struct ifc_notify_ctx *ctx, uint32_t qid,
                         struct ifc_notify_event *out, uint32_t max_out);
+/* Follow-up polls: after any relay that moved entries, relay every relayed
+ * queue again poll_ns later (and again while that moves entries).  A device
+ * with EVENT_IDX reads used_event from the *guest's* avail ring, which the
+ * guest sets from the used index the relay published: once the device is
+ * past it, no interrupt comes until the index wraps, so the relay must not
+ * wait for one.  run() uses a timerfd; a simulator calls ifc_notify_poll at
+ * modelled times instead.  0 turns it off. */
+int ifc_notify_set_poll(struct ifc_notify_ctx *ctx, uint32_t poll_ns);
+/* Relay every relayed queue now; events out as for step. */
+int ifc_notify_poll(struct ifc_notify_ctx *ctx, struct ifc_notify_event *out, uint32_t max_out);
 /* Close the epoll and stop fds (not the queue fds, which the caller owns). */
 void ifc_notify_close(struct ifc_notify_ctx *ctx);
 

@@ -10,10 +10,11 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 #include "ifcvf_native.h"
 
-enum { KIND_KICK = 0, KIND_INTR = 1, KIND_STOP = 2 };
+enum { KIND_KICK = 0, KIND_INTR = 1, KIND_STOP = 2, KIND_TIMER = 3 };
 
 #define MAX_EVENTS 64
 /* Relay calls per interrupt before going back to epoll: a device that keeps
@@ -105,6 +106,7 @@ static int relay_queue(struct ifc_notify_ctx *ctx, uint32_t qid, struct out *o)
             break;
     }
     if (total) {
+        __atomic_store_n(&ctx->poll_pending, 1, __ATOMIC_RELEASE);
         __atomic_fetch_add(&nq->relayed, total, __ATOMIC_RELAXED);
         emit(o, qid, IFC_NOTIFY_EV_RELAY, -1, 0, total);
     }
@@ -135,6 +137,27 @@ static void do_intr(struct ifc_notify_ctx *ctx, uint32_t qid, struct out *o)
     relay_queue(ctx, qid, o);
 }
 
+static void poll_all(struct ifc_notify_ctx *ctx, struct out *o)
+{
+    for (uint32_t qid = 0; qid < ctx->nqueues; qid++)
+        if (ctx->queues[qid].relay != NULL)
+            relay_queue(ctx, qid, o);
+}
+
+/* Arm the one-shot follow-up poll if a relay moved entries since the last one. */
+static void arm_poll(struct ifc_notify_ctx *ctx)
+{
+    if (ctx->timer_fd < 0 || ctx->timer_armed
+        || !__atomic_exchange_n(&ctx->poll_pending, 0, __ATOMIC_ACQ_REL))
+        return;
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    its.it_value.tv_sec = ctx->poll_ns / 1000000000u;
+    its.it_value.tv_nsec = ctx->poll_ns % 1000000000u;
+    if (timerfd_settime(ctx->timer_fd, 0, &its, NULL) == 0)
+        ctx->timer_armed = 1;
+}
+
 /* Handle one batch of epoll events; returns 1 when a stop request was seen. */
 static int handle(struct ifc_notify_ctx *ctx, const struct epoll_event *evs, int n, struct out *o)
 {
@@ -154,6 +177,11 @@ static int handle(struct ifc_notify_ctx *ctx, const struct epoll_event *evs, int
         case KIND_INTR:
             if (qid < ctx->nqueues)
                 do_intr(ctx, qid, o);
+            break;
+        case KIND_TIMER:
+            drain(ctx->timer_fd);
+            ctx->timer_armed = 0;
+            poll_all(ctx, o);
             break;
         default:
             break;
@@ -191,7 +219,9 @@ void ifc_notify_close(struct ifc_notify_ctx *ctx)
         close(ctx->epfd);
     if (ctx->stop_fd >= 0)
         close(ctx->stop_fd);
-    ctx->epfd = ctx->stop_fd = -1;
+    if (ctx->timer_fd >= 0)
+        close(ctx->timer_fd);
+    ctx->epfd = ctx->stop_fd = ctx->timer_fd = -1;
 }
 
 int ifc_notify_init(struct ifc_notify_ctx *ctx, struct ifc_notify_queue *queues, uint32_t nqueues)
@@ -199,7 +229,7 @@ int ifc_notify_init(struct ifc_notify_ctx *ctx, struct ifc_notify_queue *queues,
     if (ctx == NULL)
         return IFC_ERR_ARG;
     memset(ctx, 0, sizeof *ctx);
-    ctx->epfd = ctx->stop_fd = -1;
+    ctx->epfd = ctx->stop_fd = ctx->timer_fd = -1;
     if ((nqueues && queues == NULL) || nqueues > IFC_NOTIFY_MAX_QUEUES)
         return IFC_ERR_ARG;
     for (uint32_t i = 0; i < nqueues; i++) {
@@ -253,6 +283,7 @@ int ifc_notify_run(struct ifc_notify_ctx *ctx)
         __atomic_fetch_add(&ctx->wakeups, 1, __ATOMIC_RELAXED);
         if (handle(ctx, evs, n, NULL))
             break;
+        arm_poll(ctx);
     }
     __atomic_store_n(&ctx->busy, 0, __ATOMIC_RELEASE);
     return rc;
@@ -307,5 +338,32 @@ int ifc_notify_catch_up(struct ifc_notify_ctx *ctx, uint32_t qid,
     struct out o = {.ev = out, .n = 0, .max = max_out};
     /* Safe while run() is active: the relay queue's lock serialises calls. */
     relay_queue(ctx, qid, &o);
+    return (int)o.n;
+}
+
+int ifc_notify_set_poll(struct ifc_notify_ctx *ctx, uint32_t poll_ns)
+{
+    if (ctx == NULL || ctx->epfd < 0)
+        return IFC_ERR_ARG;
+    if (poll_ns && ctx->timer_fd < 0) {
+        ctx->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (ctx->timer_fd < 0) {
+            ctx->sys_errno = errno;
+            return IFC_ERR_SYS;
+        }
+        int rc = watch(ctx, ctx->timer_fd, tag(0, KIND_TIMER));
+        if (rc != IFC_OK)
+            return rc;
+    }
+    ctx->poll_ns = poll_ns;
+    return IFC_OK;
+}
+
+int ifc_notify_poll(struct ifc_notify_ctx *ctx, struct ifc_notify_event *out, uint32_t max_out)
+{
+    if (ctx == NULL || (max_out && out == NULL))
+        return IFC_ERR_ARG;
+    struct out o = {.ev = out, .n = 0, .max = max_out};
+    poll_all(ctx, &o);
     return (int)o.n;
 }

@@ -191,6 +191,7 @@ class _PollerRun:
         self.poller = poller
         self.fds = list(poller.fds())
         self.scheduled = False
+        self.polling = False
         self.stopped = False
 
     def start(self) -> None:
@@ -218,3 +219,21 @@ class _PollerRun:
             # The poller's C code wrote eventfds (guest call fds) behind the
             # world's back; their readers hold other fd numbers for them.
             self.fn.world.wake_readable()
+        self._maybe_poll()
+
+    def _maybe_poll(self) -> None:
+        """Follow-up polls a poller asks for (the relay's), at modelled times."""
+        due = getattr(self.poller, "poll_due", None)
+        if due is not None and due() and not self.polling:
+            self.polling = True
+            self.fn.world.process(self._poll())
+
+    def _poll(self):
+        world = self.fn.world
+        yield world.timeout(world.cycles(self.poller.poll_ns))
+        self.polling = False
+        if self.stopped:
+            return
+        if self.poller.poll():
+            world.wake_readable()
+        self._maybe_poll()

@@ -376,8 +376,12 @@ class NotifyRelay:
 
     EVENTS = 64 * lib.IFC_NOTIFY_EVENTS_PER_FD
 
-    def __init__(self, name: str, queues: Sequence[NotifyQueue]):
+    def __init__(self, name: str, queues: Sequence[NotifyQueue], *, poll_ns: int = 0):
         self.name = name
+        #: Follow-up poll after a relay that moved entries (see ifc_notify_set_poll):
+        #: the device's interrupts alone can stop once it is past the guest's used_event.
+        self.poll_ns = poll_ns
+        self._relayed_now = 0
         self.specs = {q.qid: q for q in queues}
         if len(self.specs) != len(queues):
             raise ValueError("two NotifyQueue entries share a queue index")
@@ -412,6 +416,12 @@ class NotifyRelay:
         if rc != lib.IFC_OK:
             raise OSError(self._ctx.sys_errno, f"notify relay {name}: ifc_notify_init failed "
                           f"({ERROR_NAMES.get(rc, rc)})")
+        if poll_ns and any(q.relay is not None for q in queues):
+            rc = lib.ifc_notify_set_poll(self._ctx, poll_ns)
+            if rc != lib.IFC_OK:
+                lib.ifc_notify_close(self._ctx)
+                raise OSError(self._ctx.sys_errno, f"notify relay {name}: no poll timer "
+                              f"({ERROR_NAMES.get(rc, rc)})")
         self._events = ffi.new("struct ifc_notify_event[]", self.EVENTS)
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
@@ -432,6 +442,17 @@ class NotifyRelay:
         if n < 0:
             raise OSError(self._ctx.sys_errno, f"notify relay {self.name}: step failed "
                           f"({ERROR_NAMES.get(n, n)})")
+        return self._consume(self._events, n)
+
+    def poll_due(self) -> bool:
+        """The last step or poll relayed entries: poll again ``poll_ns`` later (simulator)."""
+        return bool(self.poll_ns) and self._relayed_now > 0
+
+    def poll(self) -> list[int]:
+        """Relay every relayed queue now (the follow-up poll, at a modelled time)."""
+        n = lib.ifc_notify_poll(self._ctx, self._events, self.EVENTS)
+        if n < 0:
+            raise OSError(self._ctx.sys_errno, f"notify relay {self.name}: poll failed")
         return self._consume(self._events, n)
 
     def run(self) -> None:
@@ -520,9 +541,12 @@ class NotifyRelay:
 
     def _consume(self, events, n: int) -> list[int]:
         signalled: list[int] = []
+        relayed = 0
         for i in range(n):
             ev = events[i]
             kind = ev.kind
+            if kind == lib.IFC_NOTIFY_EV_RELAY:
+                relayed += ev.count
             if kind == lib.IFC_NOTIFY_EV_KICK_FORWARD:
                 self._forward[ev.qid](ev.qid)
             elif kind in (lib.IFC_NOTIFY_EV_SIGNAL, lib.IFC_NOTIFY_EV_REARM):
@@ -530,6 +554,8 @@ class NotifyRelay:
                     signalled.append(ev.fd)
             elif kind == lib.IFC_NOTIFY_EV_BROKEN:
                 self.broken(ev.qid)
+        if events is self._events:  # step/poll, not a catch-up
+            self._relayed_now = relayed
         return signalled
 
     def close(self) -> None:

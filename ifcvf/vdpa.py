@@ -58,6 +58,11 @@ EXTRA_FEATURES = (ids.bit(ids.Feature.NET_GUEST_ANNOUNCE) | ids.bit(ids.Feature.
 # Bits that mean something to vhost-user only, never to the VF.
 VHOST_ONLY = ids.bit(ids.Feature.LOG_ALL) | ids.bit(ids.Feature.PROTOCOL_FEATURES)
 USED_RING_HEADER = 4  # flags + idx before the used elements
+# While the software relay interposes, it relays again this long after any
+# relay that moved entries: with EVENT_IDX the VF reads used_event from the
+# guest's avail ring, which the guest sets from what the relay published, so
+# once the VF is past it no interrupt would come (see ifc_notify_set_poll).
+RELAY_POLL_NS = 20_000
 
 
 class ProbeError(Exception):
@@ -312,7 +317,7 @@ class VdpaDevice:
                 v.index, kick_fd=v.kick_fd if v.kick_fd >= 0 else None, doorbell=self._doorbell(run, v.index),
                 relay=relay, intr_fd=run.sw.intr_fds.get(v.index) if relay else None,
                 call_fd=v.call_fd if relay and v.call_fd >= 0 else None))
-        run.relay = NotifyRelay(self.name, specs)
+        run.relay = NotifyRelay(self.name, specs, poll_ns=RELAY_POLL_NS)
         self.fn.start_poller(run.relay)
 
     def _stop_relay(self, run: Running) -> None:
