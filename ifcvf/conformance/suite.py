@@ -24,7 +24,6 @@ from ifcvf import ids
 from ifcvf.conformance.rings import TestRing
 from ifcvf.hw import HwError, IfcvfHw, QueueConfig, walk_capabilities
 
-DEVICES = [d for d in os.environ.get("IFCVF_CONFORMANCE_DEVICES", "sim").split(",") if d]
 MEMORY = 2 << 20
 WAIT_NS = 2_000_000_000          # generous for a TCG guest; simulated time on sim
 NET_HDR = 12                     # VERSION_1 header
@@ -44,7 +43,18 @@ def open_function(device: str):
     return VfioFunction(device)
 
 
-@pytest.fixture(params=DEVICES)
+def devices() -> list[str]:
+    """The functions to run on, read when pytest collects the tests, not at import:
+    `ifcvf conformance` imports this module before it sets the variable."""
+    return [d for d in os.environ.get("IFCVF_CONFORMANCE_DEVICES", "sim").split(",") if d]
+
+
+def pytest_generate_tests(metafunc):
+    if "fn" in metafunc.fixturenames:
+        metafunc.parametrize("fn", devices(), indirect=True)
+
+
+@pytest.fixture
 def fn(request):
     f = open_function(request.param)
     yield f

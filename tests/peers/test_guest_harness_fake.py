@@ -117,3 +117,14 @@ def test_qemu_command_line(fake_env, tmp_path):
     assert any(f"path={tmp_path / 'res'}," in f and "readonly" not in f for f in fsdevs)
     assert "-no-reboot" in args and "-nodefaults" in args
     assert not any("kvm" in a for a in args)
+
+
+def test_iommu_options_extend_the_viommu(fake_env, tmp_path):
+    net = GuestNet()
+    try:
+        args = fake_env.qemu_command("abc123", tmp_path / "ctl", tmp_path / "res",
+                                     GuestConfig(iommu_options="aw-bits=48"), net)
+    finally:
+        net.close()
+    devices = [args[i + 1] for i, a in enumerate(args) if a == "-device"]
+    assert devices[0] == "intel-iommu,intremap=on,caching-mode=on,aw-bits=48"
