@@ -20,6 +20,7 @@ close the NotifyRelay (which stops its loop) before dropping the memory it point
 from __future__ import annotations
 
 import os
+import logging
 import struct
 import threading
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 from hal.memory import PAGE_SIZE, HostMemory, align_up
 from ifcvf._native import ffi, lib
 from ifcvf.dirtylog import DirtyLog
+
+log = logging.getLogger("ifcvf.relay")
 
 MAX_REGIONS = lib.IFC_MEM_MAX_REGIONS
 MAX_RING_SIZE = lib.IFC_VRING_MAX_SIZE
@@ -553,7 +556,8 @@ class NotifyRelay:
                 if ev.fd not in signalled:
                     signalled.append(ev.fd)
             elif kind == lib.IFC_NOTIFY_EV_BROKEN:
-                self.broken(ev.qid)
+                error = self.broken(ev.qid)
+                log.error("%s: vring %d: relay stopped: %s", self.name, ev.qid, error)
         if events is self._events:  # step/poll, not a catch-up
             self._relayed_now = relayed
         return signalled

@@ -243,6 +243,22 @@ class VdpaDevice:
             return "stopped"
         return "sw-relay" if self.running.sw else ("hw-logging" if self.logging else "direct")
 
+    def broken_vrings(self) -> dict[int, str]:
+        """Relayed vrings the relay refused to serve (a hostile ring), with the reason.
+
+        The relay touched nothing for the offending entry and stopped that
+        queue; the VF and every other queue keep running.
+        """
+        run = self.running
+        if run is None or run.relay is None or run.sw is None:
+            return {}
+        out = {}
+        for q in run.sw.queues:
+            error = run.relay.broken(q)
+            if error is not None:
+                out[q] = str(error)
+        return out
+
     def running_vrings(self) -> list[int]:
         return sorted(self.running.queues) if self.running else []
 

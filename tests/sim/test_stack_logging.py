@@ -130,3 +130,37 @@ def test_stop_while_logging_marks_used_rings_and_reports_bases(stack):
         assert ring.used // PAGE in logged, f"used ring of vring {q} not marked at stop"
         assert bases[q] == vm.guest.ring_indexes(q)[1]
     assert vf.model.iommu.mappings() == []
+
+
+def test_hostile_entry_breaks_only_its_relayed_queue():
+    """A used entry naming a descriptor outside the ring: the relay refuses it, touches
+    nothing, reports the queue broken; the VF and the other queues keep going."""
+    host = SimHost(seed=23)
+    vf = host.add_vf(IfcvfConfig(queue_pairs=2), devargs="vdpa=1,sw-live-migration=1")
+    vm = Vm(host, pairs=2, queue_size=256, tx_rate_gbps=5, tx_sizes=1518, tx_flows=2, rx_flows=8)
+    fe = vm.plug(vf)
+    tester = cable(host.world, vf)
+    sink = Sink(host.world, tester, flows=4, flow_base=vm.guest.tx_flow_base)
+    log = HostMemory(4 * PAGE, "vhost-log")
+    try:
+        fe.set_log_base(log.fd, log_bytes_for(vm.ram.size))
+        fe.set_log_all(True, vm.rings)
+        vm.guest.start()
+        host.world.advance_ns(50 * US)
+        sw = vf.driver.running.sw
+        ring = sw.rings[0]
+        guest_used = vm.guest.ring_indexes(0)[1]
+        ring.put_used(ring.used_idx, 4096, 64)          # id far outside a 256-entry ring
+        ring.used_idx = ring.used_idx + 1
+        host.world.signal_fd(sw.intr_fds[0])              # as the VF's MSI-X would
+        host.world.advance_ns(50 * US)
+        broken = vf.driver.broken_vrings()
+        assert list(broken) == [0] and "descriptor" in broken[0].lower(), broken
+        assert vm.guest.ring_indexes(0)[1] == guest_used  # nothing published for it
+        before = sink.counts().frames
+        host.world.advance_ns(300 * US)
+        assert sink.counts().frames > before               # TX keeps flowing
+        assert vf.driver.mode == "sw-relay" and not vf.model.needs_reset
+    finally:
+        host.close()
+        log.close()
