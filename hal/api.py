@@ -202,6 +202,10 @@ class PciFunction(abc.ABC):
     def dma_unmap(self, iova: int, size: int) -> None:
         """Remove exactly a mapping made by dma_map; HalError if there is none."""
 
+    def iova_ranges(self) -> list[tuple[int, int]]:
+        """The IOVA ranges (first, last, inclusive) the function's IOMMU can map."""
+        return [(0, (1 << 64) - 1)]
+
     # --- interrupts ---------------------------------------------------------
     @abc.abstractmethod
     def msix_vectors(self) -> int:

@@ -151,6 +151,7 @@ class VfioFunction(PciFunction):
         self.irq_counts: dict[int, int] = {}
         self._bars: dict[int, VfioRegion] = {}
         self._dma: dict[int, int] = {}           # iova -> size, what we mapped
+        self._iova_ranges: list[tuple[int, int]] | None = None
         self._msix_count = 0                      # vectors currently enabled
         self._pollers: dict[int, tuple[Poller, threading.Thread]] = {}
         self.closed = False
@@ -220,6 +221,23 @@ class VfioFunction(PciFunction):
             V.ioctl(self.container_fd, V.VFIO_SET_IOMMU, V.VFIO_TYPE1v2_IOMMU)
         except OSError as e:
             raise VfioError(f"VFIO_SET_IOMMU(TYPE1v2) for group {self.group} failed: {e.strerror}") from None
+        self._iova_ranges = self._query_iova_ranges()
+
+    def _query_iova_ranges(self) -> list[tuple[int, int]] | None:
+        """What the IOMMU can map (a vIOMMU with 39 address bits cannot reach 2**45)."""
+        info = V.IommuInfo()
+        try:
+            V.ioctl(self.container_fd, V.VFIO_IOMMU_GET_INFO, info)
+            buf = ctypes.create_string_buffer(max(info.argsz, ctypes.sizeof(info)))
+            ctypes.c_uint32.from_buffer(buf).value = len(buf)
+            V.ioctl(self.container_fd, V.VFIO_IOMMU_GET_INFO, buf)
+        except (OSError, TypeError) as e:
+            log.info("%s: VFIO_IOMMU_GET_INFO: %s; assuming any IOVA can be mapped", self.address, e)
+            return None
+        return V.parse_iova_ranges(buf.raw)
+
+    def iova_ranges(self) -> list[tuple[int, int]]:
+        return self._iova_ranges or [(0, (1 << 64) - 1)]
 
     def _not_viable_message(self) -> str:
         try:

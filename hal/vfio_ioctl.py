@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 
 # --- request numbers --------------------------------------------------------
 VFIO_TYPE = ord(";")
@@ -171,6 +172,46 @@ class DmaUnmap(_Vfio):
         ("iova", ctypes.c_uint64),
         ("size", ctypes.c_uint64),
     ]
+
+
+class IommuInfo(_Vfio):
+    """vfio_iommu_type1_info; with VFIO_IOMMU_INFO_CAPS a capability chain follows."""
+
+    _fields_ = [
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("iova_pgsizes", ctypes.c_uint64),
+        ("cap_offset", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+VFIO_IOMMU_INFO_PGSIZES = 1 << 0
+VFIO_IOMMU_INFO_CAPS = 1 << 1
+VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE = 1
+
+
+def parse_iova_ranges(buf: bytes) -> list[tuple[int, int]] | None:
+    """The IOVA ranges (first, last, inclusive) in a VFIO_IOMMU_GET_INFO answer,
+    or None when the kernel reported none (then any 64-bit IOVA may be used)."""
+    argsz, flags, _pgsizes, cap_offset = struct.unpack_from("<IIQI", buf, 0)
+    if not flags & VFIO_IOMMU_INFO_CAPS:
+        return None
+    offset, seen = cap_offset, set()
+    while offset and offset not in seen and offset + 8 <= min(argsz, len(buf)):
+        seen.add(offset)
+        cap_id, _version, nxt = struct.unpack_from("<HHI", buf, offset)
+        if cap_id == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
+            (count,) = struct.unpack_from("<I", buf, offset + 8)
+            ranges = []
+            for i in range(count):
+                at = offset + 16 + 16 * i
+                if at + 16 > len(buf):
+                    break
+                ranges.append(struct.unpack_from("<QQ", buf, at))
+            return ranges
+        offset = nxt
+    return None
 
 
 # --- calls ----------------------------------------------------------------------

@@ -34,6 +34,7 @@ from hal.api import HalError, PciFunction
 from ifcvf import ids
 from ifcvf.devargs import Devargs
 from ifcvf.hw import HwError, IfcvfHw, QueueConfig, RingState
+from ifcvf.iova import place
 from ifcvf.relay import MediatedRing, MemoryTable, NotifyQueue, NotifyRelay, RelayError, RelayQueue
 
 log = logging.getLogger("ifcvf.vdpa")
@@ -302,6 +303,18 @@ class VdpaDevice:
         return QueueConfig(v.index, v.size, v.desc, v.avail, v.used, avail, used,
                            ids.MSIX_QUEUE_VECTOR_BASE + v.index)
 
+    def _iova_window(self, run: Running, preferred: int, size: int, what: str) -> int:
+        taken = list(run.mapped)
+        if run.log_mapping:
+            taken.append(run.log_mapping)
+        if run.sw:
+            taken += list(run.sw.iovas.values())
+        iova = place(self.fn.iova_ranges(), preferred, size, taken)
+        if iova is None:
+            raise VdpaError(f"{self.name}: no room for the {what} ({size:#x} bytes) in the IOVA ranges "
+                            f"the IOMMU allows: {[(hex(a), hex(b)) for a, b in self.fn.iova_ranges()]}")
+        return iova
+
     def _route_msix(self, run: Running) -> None:
         vrings = self._vrings(run)
         count = 1 + max((v.index + 1 for v in vrings), default=0)
@@ -450,11 +463,13 @@ class VdpaDevice:
         sw = SwRelay(MemoryTable(run.dev.memory.c_table()))
         run.sw = sw
         event_idx = bool(run.dev.features >> ids.Feature.RING_EVENT_IDX & 1)
-        iova = ids.IOVA_MEDIATED_RINGS
+        rings = {q: MediatedRing(v.size, name=f"{self.name}-mediated-{q}") for q, v in sorted(rx.items())}
+        sw.rings.update(rings)
+        iova = self._iova_window(run, ids.IOVA_MEDIATED_RINGS, sum(r.nbytes for r in rings.values()) or 4096,
+                                 "mediated rings")
         for q, v in sorted(rx.items()):
             config = self._queue_config(v, states.get(q))
-            ring = MediatedRing(v.size, name=f"{self.name}-mediated-{q}")
-            sw.rings[q] = ring
+            ring = rings[q]
             self.fn.dma_map(iova, ring.memory, 0, ring.nbytes)
             sw.iovas[q] = (iova, ring.nbytes)
             ring.used_idx = config.last_used
@@ -642,13 +657,14 @@ class VdpaDevice:
         page = 4096
         start = area.offset - area.offset % page
         length = -(-(area.offset + area.size - start) // page) * page
+        iova = self._iova_window(run, ids.IOVA_LOG_BASE, length, "dirty log")
         try:
-            self.fn.dma_map(ids.IOVA_LOG_BASE, area.memory, start, length)
+            self.fn.dma_map(iova, area.memory, start, length)
         except HalError as err:
             raise VdpaError(f"{self.name}: cannot map the dirty log: {err}") from None
-        run.log_mapping = (ids.IOVA_LOG_BASE, length)
+        run.log_mapping = (iova, length)
         try:
-            self.hw.enable_logging(ids.IOVA_LOG_BASE + area.offset - start, area.size)
+            self.hw.enable_logging(iova + area.offset - start, area.size)
         except (HwError, HalError) as err:
             self.fn.dma_unmap(*run.log_mapping)
             run.log_mapping = None

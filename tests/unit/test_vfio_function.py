@@ -8,6 +8,7 @@ The real kernel and a real device are exercised by tests/peers.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import struct
@@ -125,6 +126,18 @@ class FakeVfio:
             if self.dma_error:
                 raise OSError(self.dma_error, os.strerror(self.dma_error))
             self.dma[arg.iova] = arg.size
+            return 0
+        if name == "VFIO_IOMMU_GET_INFO":
+            # A 39-bit vIOMMU (QEMU's intel-iommu default): one IOVA range.
+            raw = (ctypes.c_char * ctypes.sizeof(arg)).from_address(ctypes.addressof(arg))
+            need = 24 + 16 + 16
+            if struct.unpack_from("<I", raw)[0] < need:
+                struct.pack_into("<IIQI", raw, 0, need, V.VFIO_IOMMU_INFO_PGSIZES | V.VFIO_IOMMU_INFO_CAPS,
+                                 4096, 0)
+                return 0
+            struct.pack_into("<IIQI", raw, 0, need, V.VFIO_IOMMU_INFO_PGSIZES | V.VFIO_IOMMU_INFO_CAPS, 4096, 24)
+            struct.pack_into("<HHIII", raw, 24, V.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1, 0, 1, 0)
+            struct.pack_into("<QQ", raw, 40, 0, (1 << 39) - 1)
             return 0
         if name == "VFIO_IOMMU_UNMAP_DMA":
             self.calls.append((name, (arg.iova, arg.size)))
@@ -424,3 +437,18 @@ def test_failure_after_the_bars_are_mapped_unmaps_them(env, monkeypatch):
     monkeypatch.setattr(os, "pwrite", pwrite)
     expect_open_error(env, "config space: 2-byte write")
     assert unmapped == [0x4000]
+
+
+def test_iova_ranges_come_from_the_iommu(env):
+    with env.open() as fn:
+        assert fn.iova_ranges() == [(0, (1 << 39) - 1)]
+
+
+def test_parse_iova_ranges_handles_no_caps_and_chains():
+    assert V.parse_iova_ranges(struct.pack("<IIQII", 24, V.VFIO_IOMMU_INFO_PGSIZES, 4096, 0, 0)) is None
+    buf = bytearray(24 + 8 + 24 + 16 * 2)
+    struct.pack_into("<IIQI", buf, 0, len(buf), V.VFIO_IOMMU_INFO_CAPS, 4096, 24)
+    struct.pack_into("<HHI", buf, 24, 99, 1, 32)                       # some other capability first
+    struct.pack_into("<HHIII", buf, 32, V.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1, 0, 2, 0)
+    struct.pack_into("<QQQQ", buf, 48, 0, 0xFEDFFFFF, 0xFEF00000, (1 << 48) - 1)
+    assert V.parse_iova_ranges(bytes(buf)) == [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 48) - 1)]
