@@ -23,6 +23,19 @@ Give --socket and --device once per VF, in pairs, in the same order:
 A DEVICE is a PCI address bound to vfio-pci (see `ifcvf devices` and `ifcvf bind`)
 or `sim` for a simulated IFCVF that follows the wall clock.
 
+A simulated VF's 100G port is connected to nothing unless a --wire follows its
+--device:
+  --wire udp:LOCAL_PORT:REMOTE_PORT
+                         frames the VF transmits go to 127.0.0.1:REMOTE_PORT as
+                         UDP datagrams (one raw Ethernet frame each, no FCS);
+                         datagrams arriving on 127.0.0.1:LOCAL_PORT are received
+                         by the VF.  This is what QEMU's
+                         `-netdev socket,udp=127.0.0.1:LOCAL_PORT,localaddr=127.0.0.1:REMOTE_PORT`
+                         speaks, so a VM's NIC (or any UDP tool) can sit across
+                         the wire.  Loopback only.
+
+  ifcvf serve --socket /tmp/vf.sock --device sim --wire udp:5001:5002
+
 Device arguments (--devargs, once for all VFs or once per VF):
   vdpa=1                 claim the function as a vDPA device (required)
   sw-live-migration=1    migrate through the software relay instead of the
@@ -35,6 +48,8 @@ QEMU example (guest memory must be shared):
   -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
   -chardev socket,id=c0,path=/run/vf0.sock -netdev vhost-user,id=n0,chardev=c0
   -device virtio-net-pci,netdev=n0
+(QEMU 7.2 under TCG, no KVM: add vectors=0 to the -device, or QEMU crashes when
+the guest enables MSI-X on a vhost NIC; the guest then uses INTx.)
 
 SIGTERM or Ctrl-C stops the VFs and exits.
 """
@@ -48,6 +63,9 @@ def register(subparsers) -> None:
                         help="vhost-user socket path (created mode 0600 in server mode)")
     parser.add_argument("--device", action="append", default=[], metavar="DEVICE",
                         help="PCI address (vfio-pci) or `sim`")
+    parser.add_argument("--wire", action=_WireAction, default={}, metavar="udp:LOCAL:REMOTE",
+                        help="connect the port of the simulated VF given by the --device before "
+                             "it to UDP on loopback (see above)")
     parser.add_argument("--devargs", action="append", default=[], metavar="ARGS",
                         help="device arguments, e.g. vdpa=1,sw-live-migration=1 (default vdpa=1)")
     parser.add_argument("--client", action="store_true",
@@ -59,6 +77,21 @@ def register(subparsers) -> None:
                         help="print the back-end's capabilities as JSON (vhost-user back-end "
                              "program conventions) and exit")
     parser.set_defaults(func=cmd_serve)
+
+
+class _WireAction(argparse.Action):
+    """``--wire`` belongs to the ``--device`` just before it: remember which one."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        devices = getattr(namespace, "device", None) or []
+        if not devices:
+            parser.error("--wire must follow the --device it connects")
+        wires = dict(getattr(namespace, self.dest, None) or {})
+        index = len(devices) - 1
+        if index in wires:
+            parser.error(f"--device {devices[index]} has two --wire options")
+        wires[index] = value
+        setattr(namespace, self.dest, wires)
 
 
 def capabilities() -> dict:
@@ -95,6 +128,31 @@ def open_function(device: str, world_box: list):
     return VfioFunction(device)
 
 
+def _wire_specs(args) -> dict[int, tuple[int, int]]:
+    """Device index -> (local, remote) UDP ports, checked before anything is opened."""
+    from sim.udpwire import WireSpecError, parse_wire
+
+    specs = {}
+    for index, spec in sorted(args.wire.items()):
+        device = args.device[index]
+        if not (device == "sim" or device.startswith("sim:")):
+            raise SystemExit(f"ifcvf serve: --wire connects a simulated VF's port; "
+                             f"{device} has a real one")
+        try:
+            specs[index] = parse_wire(spec)
+        except WireSpecError as err:
+            raise SystemExit(f"ifcvf serve: {err}") from None
+    return specs
+
+
+def open_wire(world_box: list, local: int, remote: int):
+    """Join the port of the simulated VF just opened (the last in ``world_box``) to UDP."""
+    from sim.udpwire import UdpWire
+
+    model = world_box[-1]
+    return UdpWire(world_box[0], model.port, local, remote, name=f"{model.name}.udp")
+
+
 def cmd_serve(args) -> int:
     if args.print_capabilities:
         print(json.dumps(capabilities()))
@@ -106,13 +164,21 @@ def cmd_serve(args) -> int:
     from ifcvf.vhost.server import VhostServer
 
     pairs = _pairs(args)
+    wires = _wire_specs(args)
     world_box: list = []
     drivers = []
+    links = []
     server = VhostServer()
+    # Before anything is announced: whoever reads "serving ..." may SIGTERM at once.
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
     try:
-        for path, device, devargs in pairs:
+        for index, (path, device, devargs) in enumerate(pairs):
             try:
                 fn = open_function(device, world_box)
+                if index in wires:
+                    links.append(open_wire(world_box, *wires[index]))
+                    log.warning("%s (%s): wire %s", device, world_box[-1].name, links[-1].describe())
                 driver = VdpaDevice(fn, parse(devargs))
             except (DevargsError, ProbeError, HalError, OSError) as err:
                 log.error("%s: %s", device, err)
@@ -121,8 +187,6 @@ def cmd_serve(args) -> int:
             server.add_endpoint(path, lambda d=driver, p=path: VhostBackend(
                 d, name=p, status_feature=not args.no_status), client=args.client)
             log.warning("serving %s on %s (%s)", device, path, driver.kind)
-        signal.signal(signal.SIGTERM, lambda *_: server.stop())
-        signal.signal(signal.SIGINT, lambda *_: server.stop())
         if world_box:
             from sim.realtime import RealtimeClock
             clock = RealtimeClock(world_box[0])
@@ -133,7 +197,17 @@ def cmd_serve(args) -> int:
             server.serve_forever()
         return 0
     finally:
+        # What the simulated VFs did (frames, drops, dirty-log marks), for whoever reads the log.
+        for model in world_box[1:]:
+            stats = model.datapath.stats()
+            stats["queues"] = {q: c for q, c in stats["queues"].items() if c["rounds"] or c["dropped"]}
+            log.info("%s: stats %s%s", model.name, stats,
+                     f", errors {model.errors}" if model.errors else "")
+        for link in links:
+            log.info("%s: %s", link.name, link.counters())
         server.close()
         for driver in drivers:
             driver.close()
+        for link in links:
+            link.close()
 

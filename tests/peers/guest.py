@@ -140,6 +140,10 @@ class GuestConfig:
     kernel_args: str = "quiet"
     nic: bool = True
     nic_options: str = ""
+    # Appended to the vIOMMU's options.  QEMU's intel-iommu has 39 address bits by
+    # default; the driver's IOVA windows for the dirty log and the mediated rings
+    # (2**44, 2**45) need "aw-bits=48", the width of the VT-d units in servers.
+    iommu_options: str = ""
     extra_qemu_args: list[str] = field(default_factory=list)
 
 
@@ -350,7 +354,8 @@ class GuestEnv:
                 "-kernel", str(self.kernel.image), "-initrd", str(self.initramfs), "-append", append,
                 "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
                 # The vIOMMU first, so every PCI device after it sits behind it.
-                "-device", "intel-iommu,intremap=on,caching-mode=on"]
+                "-device", "intel-iommu,intremap=on,caching-mode=on"
+                + (f",{config.iommu_options}" if config.iommu_options else "")]
         for tag, path, ro in (("hostroot", Path("/"), True), ("ifcvfctl", ctl, False), ("results", results, False)):
             # A comma in an option value is written twice.
             args += ["-fsdev", f"local,id={tag},path={str(path).replace(',', ',,')},security_model=none,multidevs=remap"

@@ -30,6 +30,9 @@ INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
 START_MARKER = "IFCVF-GUEST-START"
 EXIT_MARKER = "IFCVF-GUEST-EXIT"
 INIT_FAILED = "IFCVF-GUEST-INIT-FAILED"
+# Only with ifcvf_hold=1 on the kernel command line (see hold() below).
+HELD_MARKER = "IFCVF-GUEST-HELD"
+HOLD_FAILED = "IFCVF-GUEST-HOLD-FAILED"
 
 # PID 1.  Everything it prints goes to the serial console, which the host
 # reads; the token (from the kernel command line) makes the markers unique
@@ -50,6 +53,22 @@ finish() {
 fail() {
     echo "@INIT_FAILED@ $token: $*"
     finish 125
+}
+# ifcvf_hold=1: after the command, unmount every 9p share and keep the guest
+# running on its kernel alone (QEMU refuses to migrate while a VirtFS share is
+# mounted; the kernel still answers pings).  Children before parents.
+hold() {
+    echo
+    echo "@EXIT@ $token $1"
+    for m in $(awk -v r="$R" '$2 == r || index($2, r "/") == 1 || $2 == "/ctl" {print $2}' /proc/mounts | sort -r); do
+        umount "$m"
+    done
+    if grep -q ' 9p ' /proc/mounts; then
+        echo "@HOLD_FAILED@ $token: still mounted: $(grep ' 9p ' /proc/mounts | awk '{print $2}')"
+    else
+        echo "@HELD@ $token"
+    fi
+    while :; do sleep 3600; done
 }
 while read -r mod; do
     insmod "/modules/$mod" || fail "insmod $mod failed"
@@ -77,8 +96,11 @@ if [ -n "$results" ]; then
 fi
 echo "@START@ $token"
 chroot $R /bin/sh /run/ifcvf/cmd.sh
-finish $?
-""".replace("@EXIT@", EXIT_MARKER).replace("@START@", START_MARKER).replace("@INIT_FAILED@", INIT_FAILED)
+status=$?
+grep -q ifcvf_hold=1 /proc/cmdline && hold $status
+finish $status
+""".replace("@EXIT@", EXIT_MARKER).replace("@START@", START_MARKER).replace("@INIT_FAILED@", INIT_FAILED) \
+   .replace("@HELD@", HELD_MARKER).replace("@HOLD_FAILED@", HOLD_FAILED)
 
 
 class GuestImageError(Exception):
