@@ -53,6 +53,10 @@ import guest_image
 from guest_image import (EXIT_MARKER, INIT_FAILED, START_MARKER, GuestImageError, GuestKernel,
                          build_initramfs, find_guest_kernel, find_static_busybox)
 
+# This checkout, shared on its own: the guest mounts tmpfs over /tmp and /run,
+# and a fresh clone (CI) may well live there.
+PROJECT = Path(__file__).resolve().parents[2]
+
 QEMU = "qemu-system-x86_64"
 DEFAULT_TIMEOUT_S = 240.0
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -175,6 +179,7 @@ class RunningGuest:
             ctl = self.run_dir / "ctl"
             ctl.mkdir()
             (ctl / "results_path").write_text(str(self.results_dir) + "\n")
+            (ctl / "project_path").write_text(str(PROJECT) + "\n")
             (ctl / "cmd.sh").write_text(_command_script(command, env_vars or {}, cwd or os.getcwd()))
             args = env.qemu_command(self.token, ctl, self.results_dir, config, self.net)
             (self.run_dir / "qemu-command").write_text(shlex.join(args) + "\n")
@@ -356,7 +361,9 @@ class GuestEnv:
                 # The vIOMMU first, so every PCI device after it sits behind it.
                 "-device", "intel-iommu,intremap=on,caching-mode=on"
                 + (f",{config.iommu_options}" if config.iommu_options else "")]
-        for tag, path, ro in (("hostroot", Path("/"), True), ("ifcvfctl", ctl, False), ("results", results, False)):
+        shares = (("hostroot", Path("/"), True), ("ifcvfctl", ctl, False), ("results", results, False),
+                  ("project", PROJECT, True))
+        for tag, path, ro in shares:
             # A comma in an option value is written twice.
             args += ["-fsdev", f"local,id={tag},path={str(path).replace(',', ',,')},security_model=none,multidevs=remap"
                                + (",readonly=on" if ro else ""),

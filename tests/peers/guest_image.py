@@ -89,6 +89,11 @@ mount -t tmpfs tmpfs $R/tmp
 mount -t tmpfs tmpfs $R/run
 mkdir -p $R/run/ifcvf
 mount --bind /ctl $R/run/ifcvf
+project=$(cat /ctl/project_path 2>/dev/null)
+if [ -n "$project" ]; then
+    mkdir -p "$R$project" 2>/dev/null
+    mount -t 9p -o "$P9,ro,cache=loose" project "$R$project" || fail "cannot mount the project share at $project"
+fi
 results=$(cat /ctl/results_path)
 if [ -n "$results" ]; then
     mkdir -p "$R$results"
