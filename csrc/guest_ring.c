@@ -457,3 +457,30 @@ uint32_t ifc_gvq_in_flight(const ifc_gvq *q)
         return 0;
     return q->nslots - num_free(PRIV(q));
 }
+
+/* --- several steps per call (sim/guest.py: one C call where it made three) --- */
+
+int64_t ifc_gvq_rx_poll(ifc_gvq *q, uint32_t budget, ifc_checker *ck, ifc_check_stats *st,
+                        uint32_t refill_max, int64_t *refilled)
+{
+    if (refilled)
+        *refilled = 0;
+    int64_t n = ifc_gvq_rx(q, budget, ck, st);
+    if (n < 0)
+        return n;
+    int64_t r = ifc_gvq_refill(q, refill_max);
+    if (refilled)
+        *refilled = r;
+    return n;
+}
+
+int ifc_gvq_rx_rearm(ifc_gvq *q, int64_t n, uint32_t budget)
+{
+    if (n >= (int64_t)budget && ifc_gvq_pending(q))
+        return 1;                   /* a full budget with more behind it: poll again */
+    if (ifc_gvq_enable_cb(q, 0)) {
+        ifc_gvq_disable_cb(q);      /* used entries slipped in before the re-enable */
+        return 1;
+    }
+    return 0;
+}

@@ -185,6 +185,15 @@ void ifc_gvq_disable_cb(ifc_gvq *q);
 uint32_t ifc_gvq_pending(const ifc_gvq *q);
 /* Chains the guest posted that the device has not completed (buffers in flight). */
 uint32_t ifc_gvq_in_flight(const ifc_gvq *q);
+/* ifc_gvq_rx, then (unless it failed) ifc_gvq_refill(q, refill_max) with its
+ * result in *refilled (0 when not called).  Returns what ifc_gvq_rx did. */
+int64_t ifc_gvq_rx_poll(ifc_gvq *q, uint32_t budget, ifc_checker *ck, ifc_check_stats *st,
+                        uint32_t refill_max, int64_t *refilled);
+/* The end of a NAPI poll that took n frames of a budget: if it was not a full
+ * budget with entries still pending, re-enable interrupts and look once more
+ * (disabling them again when something slipped in).  1 when the queue must be
+ * polled again, 0 when it now waits for an interrupt. */
+int ifc_gvq_rx_rearm(ifc_gvq *q, int64_t n, uint32_t budget);
 
 /* ------------------------------------------------------------------------
  * Guest memory table (csrc/memtable.c)
@@ -672,6 +681,9 @@ int64_t ifc_wire_schedule(const uint32_t *lengths, uint32_t n, const int64_t *re
                           int64_t *departs, int64_t *arrivals, int64_t propagation,
                           uint64_t *free_tick, uint64_t tpc, uint64_t tpb, uint32_t overhead,
                           uint32_t min_len);
+/* How many leading frames of lengths[0..n) fit in room bytes, in order (the
+ * first that does not fit ends it); *bytes = their total (may be NULL). */
+uint32_t ifc_frames_fit(const uint32_t *lengths, uint32_t n, uint64_t room, uint64_t *bytes);
 /* out[i] = ceil((base_tick + cum[i] * tpb) / tpc): when frame i's data is in. */
 void ifc_dp_ready_times(const uint64_t *cum, uint32_t n, uint64_t base_tick, uint64_t tpb,
                         uint64_t tpc, int64_t *out);
@@ -741,5 +753,41 @@ int64_t ifc_dp_tx_round(struct ifc_dp_vq *q, struct ifc_link *l, int64_t now, ui
 void ifc_dp_rx_timing(struct ifc_link *l, int64_t now, const struct ifc_dp_vq *q,
                       const struct ifc_dp_round *r, uint32_t in_flight, uint64_t log_words,
                       struct ifc_dp_times *t);
+
+/* The RX FIFO of an RX engine: batches from the wire waiting, in order, for
+ * RX buffers.  A ring of segments (head .. head + n - 1, modulo cap); the
+ * caller keeps the memory they point to alive until a segment is consumed. */
+struct ifc_dp_fifo_seg {
+    const uint8_t *data;      /* the next frame's bytes */
+    const uint32_t *lengths;  /* the next frame's length */
+    uint32_t count;           /* frames left in the segment */
+    uint32_t reserved;
+    uint64_t nbytes;          /* their bytes */
+};
+
+struct ifc_dp_fifo {
+    struct ifc_dp_fifo_seg *segs;
+    uint32_t cap;
+    uint32_t head;
+    uint32_t n;
+    uint32_t reserved;
+    uint64_t frames;          /* frames waiting, all segments */
+    uint64_t bytes;           /* their bytes */
+};
+
+/* Append a segment; -1 (nothing changed) when the ring is full. */
+int ifc_dp_fifo_push(struct ifc_dp_fifo *f, const uint8_t *data, const uint32_t *lengths,
+                     uint32_t count, uint64_t nbytes);
+/* Move the segments, in order, to segs[0 .. n) of a bigger array (cap >= n). */
+void ifc_dp_fifo_move(struct ifc_dp_fifo *f, struct ifc_dp_fifo_seg *segs, uint32_t cap);
+/* One RX round: ifc_dp_rx_fill over the FIFO's segments from the head (at
+ * most max_chains used entries, stopping early when starved, on an error, or
+ * when a segment is left part-consumed), then ifc_dp_rx_timing with the dirty
+ * log's words when log is not NULL.  r is zeroed first.  Returns how many
+ * segments were consumed whole (the caller drops their memory). */
+uint32_t ifc_dp_rx_round(struct ifc_dp_vq *q, struct ifc_link *l, int64_t now,
+                         struct ifc_dp_fifo *f, uint32_t max_chains, uint32_t *ids,
+                         uint32_t *lens, uint32_t ids_cap, struct ifc_dp_log *log,
+                         uint32_t in_flight, struct ifc_dp_round *r, struct ifc_dp_times *t);
 
 #endif

@@ -693,6 +693,18 @@ int64_t ifc_wire_schedule(const uint32_t *lengths, uint32_t n, const int64_t *re
     return last;
 }
 
+uint32_t ifc_frames_fit(const uint32_t *lengths, uint32_t n, uint64_t room, uint64_t *bytes)
+{
+    uint64_t sum = 0;
+    uint32_t i = 0;
+    if (lengths != NULL)
+        for (; i < n && sum + lengths[i] <= room; i++)
+            sum += lengths[i];
+    if (bytes)
+        *bytes = sum;
+    return i;
+}
+
 void ifc_dp_ready_times(const uint64_t *cum, uint32_t n, uint64_t base_tick, uint64_t tpb,
                         uint64_t tpc, int64_t *out)
 {
@@ -921,4 +933,74 @@ void ifc_dp_rx_timing(struct ifc_link *l, int64_t now, const struct ifc_dp_vq *q
     t->data_in = ifc_link_write(l, now, t->fetched, r->data_reqs + (uint32_t)log_words,
                                 r->data_bytes + 8 * log_words);
     t->visible = ifc_link_used_write(l, now, t->data_in, q, in_flight, r->chains);
+}
+
+/* ------------------------------------------------------------ RX FIFO */
+
+int ifc_dp_fifo_push(struct ifc_dp_fifo *f, const uint8_t *data, const uint32_t *lengths,
+                     uint32_t count, uint64_t nbytes)
+{
+    if (f == NULL || f->segs == NULL || f->n >= f->cap)
+        return -1;
+    struct ifc_dp_fifo_seg *s = &f->segs[(f->head + f->n) % f->cap];
+    s->data = data;
+    s->lengths = lengths;
+    s->count = count;
+    s->reserved = 0;
+    s->nbytes = nbytes;
+    f->n++;
+    f->frames += count;
+    f->bytes += nbytes;
+    return 0;
+}
+
+void ifc_dp_fifo_move(struct ifc_dp_fifo *f, struct ifc_dp_fifo_seg *segs, uint32_t cap)
+{
+    if (f == NULL || segs == NULL || cap < f->n)
+        return;
+    for (uint32_t i = 0; i < f->n; i++)
+        segs[i] = f->segs[(f->head + i) % f->cap];
+    f->segs = segs;
+    f->cap = cap;
+    f->head = 0;
+}
+
+uint32_t ifc_dp_rx_round(struct ifc_dp_vq *q, struct ifc_link *l, int64_t now,
+                         struct ifc_dp_fifo *f, uint32_t max_chains, uint32_t *ids,
+                         uint32_t *lens, uint32_t ids_cap, struct ifc_dp_log *log,
+                         uint32_t in_flight, struct ifc_dp_round *r, struct ifc_dp_times *t)
+{
+    if (q == NULL || f == NULL || r == NULL || t == NULL || ids == NULL || lens == NULL)
+        return 0;
+    memset(r, 0, sizeof *r);
+    uint32_t used = 0, popped = 0;
+    while (f->n && f->segs) {
+        struct ifc_dp_fifo_seg *s = &f->segs[f->head];
+        uint64_t before = r->in_bytes;
+        /* (a fill with no chains left still drops oversize frames at the head) */
+        int64_t got = ifc_dp_rx_fill(q, s->data, s->lengths, s->count, max_chains - used,
+                                     ids + used, lens + used,
+                                     used < ids_cap ? ids_cap - used : 0, log, r);
+        used = r->chains;
+        if (got < 0)
+            break;
+        uint64_t consumed = r->in_bytes - before;
+        f->frames -= (uint64_t)got;
+        f->bytes -= consumed;
+        if ((uint64_t)got == s->count) {
+            f->head = f->head + 1 == f->cap ? 0 : f->head + 1;
+            f->n--;
+            popped++;
+        } else {
+            s->data += consumed;
+            s->lengths += got;
+            s->count -= (uint32_t)got;
+            s->nbytes -= consumed;
+            break;
+        }
+        if (used >= max_chains || q->error || r->starved)
+            break;
+    }
+    ifc_dp_rx_timing(l, now, q, r, in_flight, log ? log->words : 0, t);
+    return popped;
 }

@@ -85,16 +85,17 @@ from ifcvf._native import ffi, lib
 from sim import virtio_regs as vr
 from sim.dma import SegmentTable
 from sim.frames import FrameBatch
+from sim.pcie import COMMAND
 from sim.pcie_link import PcieLink
 from sim.queue_state import IdleEngine, QueueState
-from sim.wire import Port
+from sim.wire import BufferPool, Port
 
 ETH_HLEN = 14
 VLAN_HLEN = 4
-_ROUND_SIZE = ffi.sizeof("struct ifc_dp_round")
-_ZERO_ROUND = bytes(_ROUND_SIZE)
 _ZERO_TIME = array("q", [0])
 _SKIP_CAP = 4096
+_rx_round = lib.ifc_dp_rx_round
+_fifo_push = lib.ifc_dp_fifo_push
 
 _MEMORY_ERRORS = {
     lib.IFC_DP_E_DESC_ADDR: "read", lib.IFC_DP_E_AVAIL_ADDR: "read",
@@ -148,12 +149,20 @@ class Datapath:
         if fraction > 0:
             self.log.skip_threshold = min(1 << 63, round(fraction * (1 << 63)))
             self.log.rng = fn.world.rng(f"{fn.name}.dirty_log_skip").getrandbits(64)
+        # Bus mastering, as every round checks it: kept from the command
+        # register by a hook on its writes (the only way it changes), instead
+        # of decoding config space each time.
+        self.bus_master = fn.pci.bus_master
+        fn.pci.on_write(COMMAND, 2, self._command_written)
         self.skipped_pages: list[int] = []
         self._skipped_seen: set[int] = set()
         self._log_faults_seen = 0
         self._log_unmapped_seen = 0
 
     # --- plumbing -----------------------------------------------------------------
+    def _command_written(self) -> None:
+        self.bus_master = self.fn.pci.bus_master
+
     def engine_for(self, fn, queue: QueueState):
         """The engine factory: RX for even queues, TX for odd ones, idle for the control vq."""
         if queue.index >= 2 * fn.config.queue_pairs:
@@ -252,6 +261,10 @@ class _Engine:
         self.queue = queue
         self.qid = queue.index
         self.source = f"{dp.name}.q{queue.index}"
+        self._trace = dp.world.trace
+        # The segment table's fast path needs a domain that counts its changes.
+        self._domain = dp.mem.domain if hasattr(dp.mem.domain, "generation") else None
+        self._link_c = dp.link.c
         self.cq = ffi.new("struct ifc_dp_vq *")
         self.round = ffi.new("struct ifc_dp_round *")
         self.times = ffi.new("struct ifc_dp_times *")
@@ -269,6 +282,10 @@ class _Engine:
         self._halted = False
         self._notify_on = True
         self._pending: deque = deque()
+        # (ids, lens) C arrays of rounds not in flight any more, for reuse: a
+        # round's C call writes its used ids straight into one and the
+        # completion publishes from it, so nothing is copied in between.
+        self._free: list = []
         self._in_flight = 0         # used entries fetched, not yet published
         self._fetching: deque = deque(maxlen=self.depth)
         self._done_cb: Callable[[], None] | None = None
@@ -309,6 +326,7 @@ class _Engine:
         cq.mps, cq.mrrs, cq.cpl_unit = cfg.pcie_mps, cfg.pcie_mrrs, self.dp.link.cpl_unit
         cq.last_avail, cq.last_used = q.last_avail & 0xFFFF, q.last_used & 0xFFFF
         self._bound = -1
+        self._free = []
         self._allocate()
         self.world.record(self.source, "engine_start", kind=self.kind, size=q.size,
                           hdr=cq.hdr_len, flags=cq.flags, last_avail=cq.last_avail,
@@ -360,6 +378,13 @@ class _Engine:
 
     def _bind(self) -> bool:
         """(Re)translate the rings when the IOMMU changed; False (and a fault) if they are gone."""
+        domain = self._domain
+        if domain is not None:
+            # Nothing mapped or unmapped since the table was built and bound:
+            # what refresh_mem() would find, without the calls (every round asks).
+            bound = self._bound
+            if domain.generation == bound and self.dp.mem.generation == bound:
+                return True
         generation = self.dp.refresh_mem()
         if generation == self._bound:
             return True
@@ -385,7 +410,7 @@ class _Engine:
                 self._halted = True
                 self.world.record(self.source, "engine_halted", reason="device needs reset")
             return False
-        if not self.fn.bus_master:
+        if not self.dp.bus_master:           # = fn.bus_master (see Datapath)
             self._block()
             return False
         return self._bind()
@@ -393,14 +418,19 @@ class _Engine:
     def _schedule(self, cycle: int) -> None:
         self._scheduled = True
         token = self._token
-        event = self.env.timeout(max(0, cycle - self.env.now))
-        event.callbacks.append(lambda _ev: self._wake(token))
+        self.world.call_at(cycle, lambda _ev: self._wake(token))
 
     def _wake(self, token: int) -> None:
         if token != self._token:
             return
         self._scheduled = False
-        if self._may_fetch():
+        # _may_fetch()'s answer when all is well, inline (every round asks)
+        domain, bound = self._domain, self._bound
+        if (self.running and not self.broken and self.dp.bus_master and domain is not None
+                and domain.generation == bound and self.dp.mem.generation == bound
+                and not self.fn.needs_reset):
+            self._round()
+        elif self._may_fetch():
             self._round()
 
     def _round(self) -> None:
@@ -413,12 +443,12 @@ class _Engine:
             return max(now + gap, fetching[0])
         return now + gap
 
-    def _complete_later(self, cycle: int, ids: bytes, lens: bytes, n: int) -> None:
+    def _complete_later(self, cycle: int, ids, lens, n: int) -> None:
+        """Publish ``n`` used entries (C arrays ``ids``, ``lens``) at ``cycle``."""
         self._pending.append((ids, lens, n))
         self._in_flight += n
         epoch = self._epoch
-        event = self.env.timeout(max(0, cycle - self.env.now))
-        event.callbacks.append(lambda _ev: self._complete(epoch))
+        self.world.call_at(cycle, lambda _ev: self._complete(epoch))
 
     def _complete(self, epoch: int) -> None:
         if epoch != self._epoch or not self._pending:
@@ -431,9 +461,10 @@ class _Engine:
         if not self._bind():     # the used ring was unmapped meanwhile: nothing is written
             self._abort("rings unmapped")
             return
-        need = lib.ifc_dp_publish(self.cq, ffi.from_buffer("uint32_t[]", ids),
-                                  ffi.from_buffer("uint32_t[]", lens), n)
-        self.queue.last_used = self.cq.last_used
+        cq = self.cq
+        need = lib.ifc_dp_publish(cq, ids, lens, n)
+        self._free.append((ids, lens))
+        self.queue.last_used = cq.last_used
         if need > 0:
             self.interrupts += 1
             self.fn.raise_queue_interrupt(self.qid)
@@ -506,12 +537,16 @@ class TxEngine(_Engine):
     def _allocate(self) -> None:
         n = self.batch
         self._out_cap = n * self.dp.max_frame
-        self._out = ffi.new("uint8_t[]", self._out_cap)
+        # Frames are copied out of guest memory straight into the memory of
+        # the batch that goes on the wire (reused once the receiver drops it).
+        self._outs = BufferPool(self._out_cap)
+        # Taken from the pool and not handed out yet (a round without frames
+        # keeps it for the next); only this engine takes from its pool.
+        self._out = None
         self._lens = ffi.new("uint32_t[]", n)
-        self._ids = ffi.new("uint32_t[]", n)
         self._cum = ffi.new("uint64_t[]", n)
         self._ready = ffi.new("int64_t[]", n)
-        self._zero_lens = bytes(4 * n)
+        self._zero_lens = ffi.new("uint32_t[]", n)   # TX used entries have len 0
         self.runts = 0
         self.oversize = 0
 
@@ -534,13 +569,18 @@ class TxEngine(_Engine):
             self._schedule(max(self.env.now + self.dp.kick_to_fetch, self._slot(self.env.now)))
 
     def _round(self) -> None:
-        now = self.env.now
+        now = self.env._now
         cq, r, dp, t = self.cq, self.round, self.dp, self.times
         if self._notify_on:
             self._busy()
-        n = lib.ifc_dp_tx_round(cq, dp.link.c, now, self.batch, self._out, self._out_cap,
-                                self._lens, self._ids, self._cum, self._ready, self._in_flight,
-                                r, t)
+        free = self._free
+        ids = free.pop()[0] if free else ffi.new("uint32_t[]", self.batch)
+        out = self._out
+        if out is None:
+            out = self._out = self._outs.take()
+        out, out_p = out
+        n = lib.ifc_dp_tx_round(cq, self._link_c, now, self.batch, out_p, self._out_cap,
+                                self._lens, ids, self._cum, self._ready, self._in_flight, r, t)
         self.queue.last_avail = cq.last_avail
         self.rounds += 1
         if n < 0:
@@ -553,21 +593,24 @@ class TxEngine(_Engine):
                 lengths = array("I")
                 lengths.frombytes(ffi.buffer(self._lens, 4 * frames))
                 out_bytes = r.out_bytes
-                batch = FrameBatch(bytearray(ffi.buffer(self._out, out_bytes)), lengths,
-                                   _ZERO_TIME * frames)
+                batch = FrameBatch(memoryview(out)[:out_bytes], lengths, _ZERO_TIME * frames)
+                self._out = None          # the batch has it now
                 wire_done = dp.port.transmit(batch, now, ready=self._ready)
                 self.frames += frames
                 self.bytes += out_bytes
             visible = t.visible
-            self._complete_later(visible, bytes(ffi.buffer(self._ids, 4 * n)),
-                                 self._zero_lens if n == self.batch else bytes(4 * n), n)
+            self._complete_later(visible, ids, self._zero_lens, n)
             self.chains += n
             if r.dropped:
                 self.dropped += r.dropped
                 self.runts += r.runts
                 self.oversize += r.oversize
                 self.world.record(self.source, "tx_dropped", runts=r.runts, oversize=r.oversize)
-            self.world.record(self.source, "tx_round", chains=n, frames=frames, done=visible)
+            # = world.record(source, "tx_round", chains=n, frames=frames, done=visible)
+            self._trace.add(f"{now} {self.source} tx_round chains={n} done={visible} "
+                            f"frames={frames}\n", "tx_round")
+        else:
+            free.append((ids, None))
         if cq.error:
             self._fault()
             return
@@ -591,8 +634,16 @@ class RxEngine(_Engine):
 
     def __init__(self, dp: Datapath, queue: QueueState):
         super().__init__(dp, queue)
+        # Frames waiting for buffers: the segments (where each batch's next
+        # frame is, how many are left) in C, ``struct ifc_dp_fifo``; the
+        # batches they point into in ``_fifo``, in the same order.
         self._fifo: deque = deque()
+        self._cfifo = ffi.new("struct ifc_dp_fifo *")
+        self._cfifo_segs = ffi.new("struct ifc_dp_fifo_seg[]", 16)
+        self._cfifo.segs, self._cfifo.cap = self._cfifo_segs, 16
         self._fifo_bytes = 0
+        self._fifo_cap = dp.config.rx_fifo_bytes
+        self._fit_bytes = ffi.new("uint64_t *")
         self._starved = False
         self.fifo_drops = 0
         self.not_running_drops = 0
@@ -602,10 +653,7 @@ class RxEngine(_Engine):
         self.starvations = 0
 
     def _allocate(self) -> None:
-        size = self.queue.size
-        self._ids_cap = size
-        self._ids = ffi.new("uint32_t[]", size)
-        self._lens = ffi.new("uint32_t[]", size)
+        self._ids_cap = self.queue.size
         self._starved = False
 
     def _on_start(self) -> None:
@@ -620,18 +668,27 @@ class RxEngine(_Engine):
     def _on_stop(self) -> None:
         self._drop_fifo("stopped")
 
+    def _grow_fifo(self) -> None:
+        cap = 2 * self._cfifo.cap
+        segs = ffi.new("struct ifc_dp_fifo_seg[]", cap)
+        lib.ifc_dp_fifo_move(self._cfifo, segs, cap)
+        self._cfifo_segs = segs
+
     def _drop_fifo(self, why: str) -> None:
         if not self._fifo:
             return
-        frames = sum(seg[5] for seg in self._fifo)
+        frames = self._cfifo.frames
         self.stop_drops += frames
         self.dropped += frames
         self.world.record(self.source, "rx_fifo_flushed", why=why, frames=frames)
         self._fifo.clear()
         self._fifo_bytes = 0
+        cf = self._cfifo
+        cf.head = cf.n = cf.frames = cf.bytes = 0
 
     def receive(self, batch: FrameBatch) -> None:
-        n = len(batch.lengths)
+        blengths = batch.lengths
+        n = len(blengths)
         if not n:
             return
         if not self.running or self.broken or self.fn.needs_reset:
@@ -640,22 +697,39 @@ class RxEngine(_Engine):
             self.world.record(self.source, "rx_dropped", frames=n, why="queue not running")
             return
         nbytes = len(batch.data)
-        room = self.dp.config.rx_fifo_bytes - self._fifo_bytes
+        room = self._fifo_cap - self._fifo_bytes
         count = n
+        lengths = None
         if nbytes > room:
-            count, nbytes = 0, 0
-            for length in batch.lengths:
-                if nbytes + length > room:
-                    break
-                nbytes += length
-                count += 1
+            # The frames that fit, in order (C: a 512-frame burst would be a long loop).
+            if blengths[0] > room:
+                count = nbytes = 0            # not even the first (a full FIFO)
+            else:
+                lengths = ffi.from_buffer("uint32_t[]", blengths)
+                count = lib.ifc_frames_fit(lengths, n, room, self._fit_bytes)
+                nbytes = self._fit_bytes[0]
             self.fifo_drops += n - count
             self.dropped += n - count
-            self.world.record(self.source, "rx_dropped", frames=n - count, why="fifo full")
+            # = world.record(source, "rx_dropped", frames=n - count, why="fifo full")
+            self._trace.add(f"{self.env._now} {self.source} rx_dropped frames={n - count} "
+                            "why=fifo_full\n", "rx_dropped")
             if not count:
                 return
-        self._fifo.append([batch, ffi.from_buffer("uint8_t[]", batch.data),
-                           ffi.from_buffer("uint32_t[]", batch.lengths), 0, 0, count, nbytes])
+        if lengths is None:
+            lengths = ffi.from_buffer("uint32_t[]", blengths)
+        view = batch.data
+        data = ffi.from_buffer("uint8_t[]", view)
+        if type(view) is memoryview:
+            # A view pins the memory it shows (its own export of it), so the
+            # FIFO keeps the view and a plain pointer, not an export of the
+            # view: an exported view cannot be cleared by the garbage collector.
+            pointer = ffi.cast("uint8_t *", data)
+            ffi.release(data)
+            data = pointer
+        if _fifo_push(self._cfifo, data, lengths, count, nbytes) < 0:
+            self._grow_fifo()
+            _fifo_push(self._cfifo, data, lengths, count, nbytes)
+        self._fifo.append((batch, data, lengths))     # alive while C points into them
         self._fifo_bytes += nbytes
         if not self._scheduled and not self._starved:
             now = self.env.now
@@ -666,53 +740,43 @@ class RxEngine(_Engine):
                 self._schedule(start)
 
     def _round(self) -> None:
-        if not self._fifo:
-            return
-        now = self.env.now
-        cq, r, dp = self.cq, self.round, self.dp
-        ffi.memmove(r, _ZERO_ROUND, _ROUND_SIZE)
-        log = dp.log_for_round()
-        used = 0
-        budget = self.batch
         fifo = self._fifo
-        while fifo:
-            seg = fifo[0]
-            _, data, lengths, index, offset, count, nbytes = seg
-            before_bytes = r.in_bytes
-            got = lib.ifc_dp_rx_fill(cq, data + offset, lengths + index, count, budget - used,
-                                     self._ids + used, self._lens + used, self._ids_cap - used,
-                                     log, r)
-            used = r.chains
-            if got < 0:
-                break
-            consumed = r.in_bytes - before_bytes
-            self._fifo_bytes -= consumed
-            if got == count:
-                fifo.popleft()
-            else:
-                seg[3] += got
-                seg[4] += consumed
-                seg[5] -= got
-                seg[6] -= consumed
-                break
-            if used >= budget or cq.error or r.starved:
-                break
+        if not fifo:
+            return
+        now = self.env._now
+        cq, r, dp, t = self.cq, self.round, self.dp, self.times
+        log = dp.log_for_round()
+        free = self._free
+        cap = self._ids_cap
+        if free:
+            ids, lens = free.pop()
+        else:
+            ids, lens = ffi.new("uint32_t[]", cap), ffi.new("uint32_t[]", cap)
+        # The fills over the FIFO's batches and the round's PCIe timing, in one
+        # C call (csrc/simdp.c); it says how many batches it used up.
+        popped = _rx_round(cq, self._link_c, now, self._cfifo, self.batch, ids, lens, cap, log,
+                           self._in_flight, r, t)
+        for _ in range(popped):
+            fifo.popleft()
+        self._fifo_bytes -= r.in_bytes
+        used = r.chains
         self.queue.last_avail = cq.last_avail
         if log != ffi.NULL:
             dp.after_log(self.qid)
         self.rounds += 1
-        t = self.times
-        lib.ifc_dp_rx_timing(dp.link.c, now, cq, r, self._in_flight,
-                             dp.log.words if log != ffi.NULL else 0, t)
         self._fetching.append(t.fetched)
         if used:
             visible = t.visible
-            self._complete_later(visible, bytes(ffi.buffer(self._ids, 4 * used)),
-                                 bytes(ffi.buffer(self._lens, 4 * used)), used)
+            self._complete_later(visible, ids, lens, used)
             self.chains += used
-            self.frames += r.frames
+            frames = r.frames
+            self.frames += frames
             self.bytes += r.frame_bytes
-            self.world.record(self.source, "rx_round", chains=used, frames=r.frames, done=visible)
+            # = world.record(source, "rx_round", chains=used, frames=frames, done=visible)
+            self._trace.add(f"{now} {self.source} rx_round chains={used} done={visible} "
+                            f"frames={frames}\n", "rx_round")
+        else:
+            free.append((ids, lens))
         if r.dropped:
             self.dropped += r.dropped
             self.too_big += r.too_big
@@ -728,7 +792,10 @@ class RxEngine(_Engine):
             else:
                 self._starved = True
                 self.starvations += 1
-                self.world.record(self.source, "rx_starved", waiting=sum(s[5] for s in fifo))
+                waiting = self._cfifo.frames
+                # = world.record(source, "rx_starved", waiting=waiting)
+                self._trace.add(f"{now} {self.source} rx_starved waiting={waiting}\n",
+                                "rx_starved")
             return
         if used and self._notify_on:
             self._busy()
@@ -739,7 +806,7 @@ class RxEngine(_Engine):
         c = super().counters()
         c.update(fifo_drops=self.fifo_drops, not_running_drops=self.not_running_drops,
                  stop_drops=self.stop_drops, too_big=self.too_big, oversize=self.oversize,
-                 starvations=self.starvations, fifo_frames=sum(s[5] for s in self._fifo))
+                 starvations=self.starvations, fifo_frames=self._cfifo.frames)
         return c
 
 

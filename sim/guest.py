@@ -1,7 +1,7 @@
 """A guest virtio-net driver, as the simulated VF sees it: split rings in guest RAM.
 
 ``GuestNet`` lays out one RX (even) and one TX (odd) virtqueue per queue pair
-in guest RAM, runs one guest CPU per pair as a simpy process, and drives the
+in guest RAM, runs one guest CPU per pair (simpy callbacks), and drives the
 rings the way a virtio-net driver does: NAPI-style RX (an interrupt schedules
 a poll of up to a budget of frames, interrupts stay off while polling and are
 re-enabled, with a re-check, only when the ring is drained), a paced TX
@@ -9,7 +9,8 @@ producer that reclaims completed chains on its way and asks for a (delayed)
 interrupt only when its ring is full, and notification suppression both ways
 (VRING_AVAIL_F_NO_INTERRUPT / VRING_USED_F_NO_NOTIFY, or used_event /
 avail_event with EVENT_IDX).  Kicks and interrupts are eventfds: the guest
-kicks with ``world.signal_fd(kick_fd)`` and watches ``call_fd``.
+kicks with ``world.signal_fd(kick_fd)`` (or writes the device's notify page
+directly through a host notifier) and watches ``call_fd``.
 
 The per-buffer work runs in C a batch per call (``csrc/guest_ring.c``): every
 received frame is checked end to end with the traffic checker of
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from ifcvf._native import ffi, lib
 from sim import virtio_regs as vr
@@ -198,6 +200,7 @@ class _Queue:
             c.scratch, c.scratch_size = self.scratch, RX_SCRATCH
         self.kick_fd = -1
         self.call_fd = -1
+        self.notify: Callable[[], None] | None = None   # a host notifier (see attach)
         self.kicks = 0
         self.kicks_suppressed = 0
         self.interrupts = 0
@@ -216,7 +219,10 @@ class _Queue:
                              "driver-private block in memory is not consistent")
 
     def kick(self) -> None:
-        if self.kick_fd >= 0:
+        if self.notify is not None:
+            self.kicks += 1
+            self.notify()
+        elif self.kick_fd >= 0:
             self.kicks += 1
             self.guest.world.signal_fd(self.kick_fd)
 
@@ -229,6 +235,21 @@ class _Queue:
         return False
 
 
+class _Wake:
+    """A pair's wake-up: a one-shot event as light as a simpy Event can be.
+
+    ``wake()`` triggers it (scheduled now, like ``Event.succeed()``), its
+    callbacks run when simpy processes it; a triggered one stays triggered
+    until the core takes a fresh one before it sleeps again."""
+
+    __slots__ = ("callbacks", "triggered")
+    _ok = True
+
+    def __init__(self):
+        self.callbacks: list = []
+        self.triggered = False
+
+
 class _Pair:
     """One queue pair and the guest core that serves it."""
 
@@ -237,8 +258,8 @@ class _Pair:
         self.index = index
         self.rx = rx
         self.tx = tx
-        env = guest.world.env
-        self.wake_ev = env.event()
+        self.world = guest.world
+        self.wake_ev = _Wake()
         self.rx_scheduled = False
         self.rx_irq = False          # the next poll was started by an interrupt
         self.tx_active = False
@@ -250,11 +271,12 @@ class _Pair:
         self.timer_at: int | None = None
         self.debt_ns = 0.0           # CPU time owed for work done after a busy period
         self.busy_cycles = 0
-        self.proc = None
 
     def wake(self) -> None:
-        if not self.wake_ev.triggered:
-            self.wake_ev.succeed()
+        ev = self.wake_ev
+        if not ev.triggered:
+            ev.triggered = True
+            self.world.schedule_now(ev)
 
     def _timer(self, at: int) -> None:
         if self.timer_at == at:
@@ -367,6 +389,8 @@ class GuestNet:
         self._tx_bpc = tx_rate_gbps * 1e9 / 8 / world.clock_hz / queue_pairs
         self._tx_mean_wire = tx_sizes.mean_length + WIRE_OVERHEAD
         self._tx_wait = max(1, world.cycles(tx_wait_ns))
+        self._cyc = world.clock_hz / 1e9
+        self._refilled = ffi.new("int64_t *")
         if fresh:
             for q in self.queues:
                 if ring_base and lib.ifc_gvq_rebase(q.c, ring_base & 0xFFFF) != 0:
@@ -408,15 +432,22 @@ class GuestNet:
         for q in self.queues:
             q.bind(memory, fresh)
 
-    def attach(self, index: int, kick_fd: int, call_fd: int) -> None:
+    def attach(self, index: int, kick_fd: int, call_fd: int,
+               notify: Callable[[], None] | None = None) -> None:
         """Kick queue ``index`` through ``kick_fd``; take its interrupts from ``call_fd``.
 
         Each queue needs a call eventfd of its own (it is drained on every
         interrupt); it is made non-blocking if it is not.  -1 leaves a side
-        unconnected (no kicks are sent / no interrupts are taken)."""
+        unconnected (no kicks are sent / no interrupts are taken).
+
+        ``notify``: a host notifier.  The guest's kick is its MMIO write to the
+        device's notify page, which lands there directly; ``notify()`` makes
+        that write and ``kick_fd`` is not signalled (no eventfd, no relay on
+        the path, as with a vhost host notifier)."""
         q = self.queues[index]
         self._unwatch(q)
         q.kick_fd, q.call_fd = kick_fd, call_fd
+        q.notify = notify
         if call_fd >= 0:
             # Watchers may be called when the fd is not readable: the drain
             # must never block the simulation.
@@ -424,13 +455,15 @@ class GuestNet:
                 os.set_blocking(call_fd, False)
             q._watcher = self._rx_irq_handler(q) if not q.is_tx else self._tx_irq_handler(q)
             self.world.watch_fd(call_fd, q._watcher)
-        self.world.record(self.name, "attach", queue=index, kick=kick_fd >= 0, call=call_fd >= 0)
+        self.world.record(self.name, "attach", queue=index, kick=kick_fd >= 0 or notify is not None,
+                          call=call_fd >= 0)
 
     def detach(self, index: int | None = None) -> None:
         """Forget the eventfds of one queue (or all): no kicks, no interrupts."""
         for q in self.queues if index is None else [self.queues[index]]:
             self._unwatch(q)
             q.kick_fd = q.call_fd = -1
+            q.notify = None
         self.world.record(self.name, "detach", queue=-1 if index is None else index)
 
     def _unwatch(self, q: _Queue) -> None:
@@ -470,7 +503,7 @@ class GuestNet:
             # A guest that comes up polls once: buffers may already be used.
             pair.rx_scheduled = True
             lib.ifc_gvq_disable_cb(pair.rx.c)
-            pair.proc = self.world.process(self._core(pair))
+            self._core_start(pair)
         self.world.record(self.name, "guest_start")
 
     def pause(self) -> None:
@@ -544,15 +577,29 @@ class GuestNet:
         return on_irq
 
     # --- the core -----------------------------------------------------------------------
-    def _core(self, pair: _Pair):
-        env = self.world.env
+    # A pair's core is a chain of callbacks rather than a simpy process: the
+    # same steps at the same cycles, each scheduled exactly where the process
+    # would have resumed (its first step an urgent event, a timeout per busy
+    # period, the wake event or the resume event otherwise), without resuming
+    # a generator every time.  In process terms:
+    #
+    #     loop:  paused -> wait for resume
+    #            work (RX poll, TX batch) -> busy for its CPU time, then
+    #                (waiting out a pause) finish it (publish, kicks); loop
+    #            idle -> arm the TX timer; pay CPU debt, or wait for a wake-up
+    def _core_start(self, pair: _Pair) -> None:
+        self.world.call_first(lambda _ev: self._core(pair))
+
+    def _core(self, pair: _Pair) -> None:
+        """Run the core from the top of its loop until it has to wait."""
+        world = self.world
+        env = world.env
         costs = self.costs
-        cyc = self.world.clock_hz / 1e9
         budget = self.napi_budget
         while True:
             if self.paused:
-                yield self._resume_ev
-                continue
+                self._resume_ev.callbacks.append(lambda _ev: self._core(pair))
+                return
             ns = 0.0
             rx_n = -1
             tx_n = -1
@@ -564,46 +611,54 @@ class GuestNet:
                 ns += costs.poll_ns + max(rx_n, 0) * costs.rx_frame_ns
             elif pair.rx_scheduled:
                 pair.rx_scheduled = False
-            if (pair.tx_active and not pair.tx_blocked and env.now >= pair.tx_next
+            if (pair.tx_active and not pair.tx_blocked and env._now >= pair.tx_next
                     and not pair.tx.broken):
                 tx_n = self._tx_work(pair)
                 ns += costs.tx_batch_ns + max(tx_n, 0) * costs.tx_frame_ns
             if rx_n >= 0 or tx_n >= 0:
                 ns += pair.debt_ns
                 pair.debt_ns = 0.0
-                c = int(ns * cyc + 0.999999)
+                c = int(ns * self._cyc + 0.999999)
                 pair.busy_cycles += c
-                yield env.timeout(c)
-                while self.paused:
-                    yield self._resume_ev
-                if rx_n >= 0:
-                    self._rx_finish(pair, rx_n, budget)
-                if tx_n >= 0:
-                    self._tx_finish(pair)
-                continue
+                world.call_at(env._now + c, lambda _ev: self._core_done(pair, rx_n, tx_n))
+                return
             # Idle: sleep until an interrupt or the next TX batch is due.
             if pair.wake_ev.triggered:
-                pair.wake_ev = env.event()
+                pair.wake_ev = _Wake()
             if pair.tx_active and not pair.tx_blocked and not pair.tx.broken:
                 at = pair.tx_next
-                if at <= env.now:
+                now = env._now
+                if at <= now:
                     continue
-                if pair.timer_at is None or pair.timer_at > at or pair.timer_at < env.now:
+                if pair.timer_at is None or pair.timer_at > at or pair.timer_at < now:
                     pair.timer_at = at
-                    timer = env.timeout(at - env.now)
-                    timer.callbacks.append(lambda _ev, at=at: pair._timer(at))
+                    world.call_at(at, lambda _ev, at=at: pair._timer(at))
             if pair.debt_ns:
-                c = int(pair.debt_ns * cyc + 0.999999)
+                c = int(pair.debt_ns * self._cyc + 0.999999)
                 pair.debt_ns = 0.0
                 pair.busy_cycles += c
-                yield env.timeout(c)
-                continue
-            yield pair.wake_ev
+                world.call_at(env._now + c, lambda _ev: self._core(pair))
+                return
+            pair.wake_ev.callbacks.append(lambda _ev: self._core(pair))
+            return
+
+    def _core_done(self, pair: _Pair, rx_n: int, tx_n: int) -> None:
+        """The CPU time of a poll / TX batch has passed: its effects become visible."""
+        if self.paused:
+            self._resume_ev.callbacks.append(lambda _ev: self._core_done(pair, rx_n, tx_n))
+            return
+        if rx_n >= 0:
+            self._rx_finish(pair, rx_n, self.napi_budget)
+        if tx_n >= 0:
+            self._tx_finish(pair)
+        self._core(pair)
 
     def _rx_work(self, q: _Queue, budget: int) -> int:
         stats = q.stats
         bad_before = stats.corrupted
-        n = lib.ifc_gvq_rx(q.c, budget, self.checker.c, stats)
+        # consume the used entries, then refill what they freed (one C call)
+        refilled = self._refilled
+        n = lib.ifc_gvq_rx_poll(q.c, budget, self.checker.c, stats, q.layout.nslots, refilled)
         q.polls += 1
         if n < 0:
             self._broken(q)
@@ -613,7 +668,7 @@ class GuestNet:
             self.world.record(self.name, "rx_bad", queue=q.index,
                               count=stats.corrupted - bad_before, reason=reason, flow=flow,
                               seq=seq)
-        if lib.ifc_gvq_refill(q.c, q.layout.nslots) < 0:
+        if refilled[0] < 0:
             self._broken(q)
         if self.trace_polls:
             self.world.record(self.name, "rx_poll", queue=q.index, frames=n,
@@ -627,15 +682,13 @@ class GuestNet:
             return
         if q.publish():
             pair.debt_ns += self.costs.kick_ns
-        if n < budget or not lib.ifc_gvq_pending(q.c):
-            # (A full budget with nothing left behind it is drained too: a
-            # real NAPI loop would poll once more and find nothing.)
-            # Drained: interrupts back on, then look once more (a used entry
-            # published before the re-enable would otherwise never interrupt).
-            if lib.ifc_gvq_enable_cb(q.c, 0):
-                lib.ifc_gvq_disable_cb(q.c)
-            else:
-                pair.rx_scheduled = False
+        # Unless a full budget left more behind it: drained (a full budget with
+        # nothing behind it too: a real NAPI loop would poll once more and
+        # find nothing), so interrupts go back on, then one more look (a used
+        # entry published before the re-enable would otherwise never
+        # interrupt) -- ifc_gvq_rx_rearm.
+        if not lib.ifc_gvq_rx_rearm(q.c, n, budget):
+            pair.rx_scheduled = False
 
     def _tx_work(self, pair: _Pair) -> int:
         q = pair.tx

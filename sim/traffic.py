@@ -30,6 +30,7 @@ from typing import Iterable
 
 from ifcvf._native import ffi, lib
 from sim.frames import FCS_BYTES, WIRE_OVERHEAD, FrameBatch, buffer_length
+from sim.wire import BufferPool
 from sim.world import World
 
 ETHERTYPE = lib.IFC_TF_ETHERTYPE
@@ -37,6 +38,8 @@ MAGIC = lib.IFC_TF_MAGIC
 HEADER_LEN = lib.IFC_TF_HDR_LEN            # Ethernet + test header, bytes
 MIN_FRAME_SIZE = 64                        # Ethernet minimum, with FCS
 MAX_FRAME_SIZE = 16384 + FCS_BYTES         # what a size table may hold
+_ZERO_U32 = array("I", [0])
+_ZERO_I64 = array("q", [0])
 
 # Simple IMIX, Ethernet sizes with FCS: 7 x 64, 4 x 594 (576 B IP), 1 x 1518.
 IMIX = ((64, 7), (594, 4), (1518, 1))
@@ -170,17 +173,25 @@ class Stream:
         """Frames produced per flow so far (= the next sequence number of each)."""
         return [self._seq[i] for i in range(self.flows)]
 
-    def batch(self, n: int) -> FrameBatch:
-        """The next ``n`` frames as a FrameBatch (times left 0 for the transmitter)."""
-        total = lib.ifc_stream_peek_bytes(self.c, n)
-        data = bytearray(total)
-        lengths = array("I", bytes(4 * n))
-        times = array("q", bytes(8 * n))
-        got = lib.ifc_stream_fill(self.c, ffi.from_buffer(data), total,
-                                  ffi.from_buffer("uint32_t[]", lengths), n)
+    def batch(self, n: int, pool: BufferPool | None = None) -> FrameBatch:
+        """The next ``n`` frames as a FrameBatch (times left 0 for the transmitter).
+
+        With a ``pool`` (``sim.wire.BufferPool``), the frames are written into
+        pooled memory and ``data`` is a memoryview of exactly them."""
+        table = self.sizes.table
+        total = n * table[0] if len(table) == 1 else lib.ifc_stream_peek_bytes(self.c, n)
+        lengths = _ZERO_U32 * n
+        if pool is not None and total <= pool.size:
+            buf, ptr = pool.take()
+            got = lib.ifc_stream_fill(self.c, ptr, total, ffi.from_buffer("uint32_t[]", lengths), n)
+            data = memoryview(buf)[:total]
+        else:
+            data = bytearray(total)
+            got = lib.ifc_stream_fill(self.c, ffi.from_buffer(data), total,
+                                      ffi.from_buffer("uint32_t[]", lengths), n)
         if got != n:
             raise RuntimeError(f"stream fill returned {got} for {n} frames")
-        return FrameBatch(data, lengths, times)
+        return FrameBatch(data, lengths, _ZERO_I64 * n)
 
 
 # --- checking -----------------------------------------------------------------------
@@ -313,6 +324,8 @@ class Generator:
                              dst_mac=dst_mac, src_mac=src_mac)
         self.burst = burst
         self.max_frames = max_frames
+        # Burst data in reused memory (frames written once, no zero-fill first).
+        self._pool = BufferPool(burst * sizes.max_length)
         # Offered bytes-on-the-wire per cycle.
         if rate_gbps is not None:
             self.wire_bytes_per_cycle = rate_gbps * 1e9 / 8 / world.clock_hz
@@ -322,7 +335,6 @@ class Generator:
         self.first_departure: int | None = None
         self.last_departure = 0
         self._running = False
-        self._proc = None
 
     @property
     def frames(self) -> int:
@@ -341,7 +353,11 @@ class Generator:
         self._running = True
         self.world.record(self.name, "gen_start", sizes=self.sizes.name, burst=self.burst,
                           flows=self.stream.flows)
-        self._proc = self.world.process(self._run(self.world.now if at_cycle is None else at_cycle))
+        start = self.world.now if at_cycle is None else at_cycle
+        # A chain of callbacks, one per burst, scheduled exactly where a simpy
+        # process would resume (its first step urgent, then one timeout per
+        # burst) without a generator to resume each time.
+        self.world.call_first(lambda _ev: self._begin(start))
 
     def stop(self) -> None:
         """Stop after the burst in progress (the process ends at its next wake-up)."""
@@ -349,12 +365,17 @@ class Generator:
             self._running = False
             self.world.record(self.name, "gen_stop", frames=self.frames, bytes=self.bytes)
 
-    def _run(self, start: int):
-        world, env = self.world, self.world.env
-        if start > env.now:
-            yield env.timeout(start - env.now)
-        next_start = start
+    def _begin(self, start: int) -> None:
+        if start > self.world.env._now:
+            self.world.call_at(start, lambda _ev: self._bursts(start))
+        else:
+            self._bursts(start)
+
+    def _bursts(self, next_start: int) -> None:
+        """Send bursts until one ends in the future; come back then."""
+        env = self.world.env
         bpc = self.wire_bytes_per_cycle
+        stream, port = self.stream, self.port
         while self._running:
             n = self.burst
             if self.max_frames is not None:
@@ -362,19 +383,20 @@ class Generator:
                 if n <= 0:
                     self.stop()
                     return
-            batch = self.stream.batch(n)
-            earliest = max(next_start, int(env.now))
-            done = self.port.transmit(batch, earliest)
+            batch = stream.batch(n, self._pool)
+            now = env._now
+            earliest = next_start if next_start > now else now
+            done = port.transmit(batch, earliest)
             self.batches += 1
             if self.first_departure is None and len(batch.times):
                 self.first_departure = batch.times[0]
             self.last_departure = done
             wire = len(batch.data) + WIRE_OVERHEAD * n
             next_start = earliest + math.ceil(wire / bpc)
-            wake = max(next_start, done)
-            if wake > env.now:
-                yield env.timeout(wake - env.now)
-        return
+            wake = next_start if next_start > done else done
+            if wake > now:
+                self.world.call_at(wake, lambda _ev, at=next_start: self._bursts(at))
+                return
 
     def offered_gbps(self) -> float:
         return self.wire_bytes_per_cycle * 8 * self.world.clock_hz / 1e9

@@ -31,7 +31,9 @@ a handler, are counted in ``lost``.
 """
 from __future__ import annotations
 
+import sys
 from array import array
+from collections import deque
 from fractions import Fraction
 from typing import Callable
 
@@ -42,6 +44,7 @@ from sim.world import World
 MIN_FRAME = 60          # Ethernet minimum without FCS: shorter frames are padded on the wire
 DEFAULT_GBPS = 100
 _ZERO = array("q", [0])
+_schedule = lib.ifc_wire_schedule
 
 
 class Port:
@@ -97,9 +100,13 @@ class Port:
     # --- sending --------------------------------------------------------------
     def transmit(self, batch: FrameBatch, earliest_cycle: int, ready=None) -> int:
         """Send ``batch``; fills ``batch.times`` with departures; returns the last one."""
-        n = len(batch.lengths)
+        lengths = batch.lengths
+        n = len(lengths)
         world = self.world
-        earliest = max(int(earliest_cycle), world.env.now)
+        now = world.env._now
+        earliest = int(earliest_cycle)
+        if earliest < now:
+            earliest = now
         if n == 0:
             return max(earliest, self.free_cycle)
         times = batch.times
@@ -107,19 +114,23 @@ class Port:
             times = batch.times = _ZERO * n
         peer = self.peer
         deliver = peer is not None and peer._handler is not None
-        arrivals = _ZERO * n if deliver else None
         if ready is not None:
             if len(ready) < n:
                 raise ValueError(f"{self.name}: {len(ready)} ready times for {n} frames")
             ready_p = ready if isinstance(ready, ffi.CData) else ffi.from_buffer("int64_t[]", ready)
         else:
             ready_p = ffi.NULL
-        last = lib.ifc_wire_schedule(
-            ffi.from_buffer("uint32_t[]", batch.lengths), n, ready_p, earliest,
-            ffi.from_buffer("int64_t[]", times),
-            ffi.from_buffer("int64_t[]", arrivals) if deliver else ffi.NULL,
-            self.propagation, self._free, self._tpc, self._tpb, WIRE_OVERHEAD, MIN_FRAME)
-        nbytes = len(batch.data)
+        if deliver:
+            arrivals = _ZERO * n
+            arrivals_p = ffi.from_buffer("int64_t[]", arrivals)
+        else:
+            arrivals = None
+            arrivals_p = ffi.NULL
+        last = _schedule(ffi.from_buffer("uint32_t[]", lengths), n, ready_p, earliest,
+                         ffi.from_buffer("int64_t[]", times), arrivals_p, self.propagation,
+                         self._free, self._tpc, self._tpb, WIRE_OVERHEAD, MIN_FRAME)
+        data = batch.data
+        nbytes = len(data)
         self.tx_frames += n
         self.tx_bytes += nbytes
         self.tx_wire_bytes += nbytes + n * WIRE_OVERHEAD  # frames >= 60 B (padding not counted)
@@ -128,10 +139,8 @@ class Port:
             self.first_departure = times[0]
         self.last_departure = last
         if deliver:
-            delivered = FrameBatch(batch.data, batch.lengths, arrivals)
-            at = arrivals[n - 1]
-            event = world.env.timeout(at - world.env.now)
-            event.callbacks.append(lambda _ev, p=peer, b=delivered: p._arrive(b))
+            delivered = FrameBatch(data, lengths, arrivals)
+            world.call_at(arrivals[n - 1], lambda _ev: peer._arrive(delivered))
         else:
             self.lost += n
         return last
@@ -163,6 +172,54 @@ class Port:
                 "rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes, "lost": self.lost}
 
 
+class BufferPool:
+    """Reusable memory for the frame data of batches a producer sends and forgets.
+
+    A fresh ``bytearray`` per batch costs a zero-fill (and, as the heap
+    grows and shrinks, page faults), and copying frames out of a C buffer
+    into one a second copy; with a pool the producer's C code writes each
+    frame once, into memory that outlives the batch.  The batch gets
+    ``memoryview(buffer)[:n]``, exactly the bytes written (the rest of a
+    buffer is never exposed).  A buffer is handed out again only when
+    nothing outside the pool refers to it any more, by CPython's reference
+    count (deterministic): a receiver that keeps a batch, or a view of it,
+    keeps its bytes.  At most ``max_buffers`` are kept; beyond that ``take``
+    returns fresh memory.
+    """
+
+    # References to a free buffer: the pool's entry, its C pointer (a buffer
+    # export), getrefcount's argument.
+    _FREE = 3
+
+    def __init__(self, size: int, max_buffers: int = 256):
+        self.size = size
+        self.max_buffers = max_buffers
+        self._order: deque = deque()    # entries, in the order they were handed out
+
+    def take(self) -> tuple[bytearray, object]:
+        """(buffer of ``size`` bytes nobody else holds, a ``uint8_t *`` to it)."""
+        order = self._order
+        if order:
+            # Two looks, no search: the newest (a batch the receiver dropped on
+            # arrival is free by the time the next one is made), then the
+            # oldest (receivers that queue batches release them in order).
+            entry = order[-1]
+            if sys.getrefcount(entry[0]) == self._FREE:
+                return entry
+            entry = order[0]
+            if sys.getrefcount(entry[0]) == self._FREE:
+                order.rotate(-1)
+                return entry
+        buf = bytearray(self.size)
+        entry = (buf, ffi.from_buffer("uint8_t[]", buf))
+        if len(order) < self.max_buffers:
+            order.append(entry)
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
 def connect(a: Port, b: Port, propagation_ns: float = 0.0) -> None:
     """Join two ports with a full-duplex link of ``propagation_ns`` one way (>= 0)."""
     if a is b:
@@ -189,4 +246,4 @@ def disconnect(port: Port) -> None:
     port.world.record("wire", "disconnect", a=port.name, b=peer.name)
 
 
-__all__ = ["Port", "connect", "disconnect", "MIN_FRAME"]
+__all__ = ["Port", "BufferPool", "connect", "disconnect", "MIN_FRAME"]

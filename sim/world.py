@@ -18,9 +18,12 @@ import math
 import os
 import random
 import select
+from heapq import heappop, heappush
 from typing import Callable
 
 import simpy
+from simpy.core import EmptySchedule, StopSimulation
+from simpy.events import NORMAL, URGENT, Event
 
 DEFAULT_CLOCK_HZ = 250_000_000
 
@@ -30,23 +33,65 @@ class BlockingInProcess(RuntimeError):
 
 
 class Trace:
-    """Canonical event records folded into a sha256, the last few kept for reading."""
+    """Canonical event records folded into a sha256, the last few kept for reading.
+
+    A record is one line, ``"<cycle> <source> <event> k=v k=v\\n"`` with the
+    fields sorted by name.  Lines are hashed in chunks (sha256 over the
+    concatenation is the same however it is split), so a record costs a
+    string format and a list append; ``digest()``, ``records`` and ``find``
+    see everything recorded so far.
+    """
+
+    FLUSH = 512                 # lines per sha256 update
 
     def __init__(self, keep: int = 2000):
         self._hash = hashlib.sha256()
-        self.records: collections.deque = collections.deque(maxlen=keep)
+        self._keep = keep
+        self._records: collections.deque = collections.deque(maxlen=keep)
+        self._lines: list[str] = []
         self.count = 0
         self.counts: dict[str, int] = {}
 
     def record(self, cycle: int, source: str, event: str, fields: dict) -> None:
-        body = " ".join(f"{k}={_canon(fields[k])}" for k in sorted(fields))
-        line = f"{cycle} {source} {event} {body}\n"
-        self._hash.update(line.encode())
-        self.records.append(line.rstrip("\n"))
+        if len(fields) == 1:
+            # (an int formats as _canon would format it: the common cases, inline)
+            ((k, v),) = fields.items()
+            body = f"{k}={v}" if type(v) is int else f"{k}={_canon(v)}"
+            self.add(f"{cycle} {source} {event} {body}\n", event)
+        elif fields:
+            body = " ".join([f"{k}={v}" if type(v := fields[k]) is int else f"{k}={_canon(v)}"
+                             for k in sorted(fields)])
+            self.add(f"{cycle} {source} {event} {body}\n", event)
+        else:
+            self.add(f"{cycle} {source} {event} \n", event)
+
+    def add(self, line: str, event: str) -> None:
+        """Record a line already in canonical form (hot paths build it themselves:
+        it must be exactly what ``record`` would make of the same fields)."""
+        lines = self._lines
+        lines.append(line)
+        if len(lines) >= self.FLUSH:
+            self._flush()
         self.count += 1
-        self.counts[event] = self.counts.get(event, 0) + 1
+        counts = self.counts
+        counts[event] = counts.get(event, 0) + 1
+
+    def _flush(self) -> None:
+        lines = self._lines
+        if not lines:
+            return
+        self._hash.update("".join(lines).encode())
+        self._records.extend([line.rstrip("\n") for line in lines[-self._keep:]])
+        lines.clear()
+
+    @property
+    def records(self) -> collections.deque:
+        """The last ``keep`` records, oldest first (without the newline)."""
+        self._flush()
+        return self._records
 
     def digest(self) -> str:
+        self._flush()
         return self._hash.hexdigest()
 
     def find(self, event: str) -> list[str]:
@@ -55,6 +100,8 @@ class Trace:
 
 
 def _canon(value) -> str:
+    if type(value) is int:          # the common case first
+        return str(value)
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, int):
@@ -66,6 +113,65 @@ def _canon(value) -> str:
     return str(value).replace(" ", "_").replace("\n", "_")
 
 
+class _Environment(simpy.Environment):
+    """simpy's Environment with the step loop of ``run()`` inlined.
+
+    Same semantics as simpy 4.1's ``run``/``step`` (the ``until`` event,
+    StopSimulation, failed events crash the run), minus a method call and
+    its lookups per event: the datapath steps millions of events.
+    ``step()`` itself is simpy's, for callers that step one at a time.
+    """
+
+    def run(self, until=None):
+        if until is not None:
+            if not isinstance(until, Event):
+                at = until if isinstance(until, int) else float(until)
+                if at <= self._now:
+                    raise ValueError(
+                        f"until ({at}) must be greater than the current simulation time")
+                until = Event(self)
+                until._ok = True
+                until._value = None
+                self.schedule(until, URGENT, at - self._now)
+            elif until.callbacks is None:
+                return until.value
+            until.callbacks.append(StopSimulation.callback)
+        queue = self._queue
+        try:
+            while True:
+                if not queue:
+                    raise EmptySchedule
+                self._now, _, _, event = heappop(queue)
+                callbacks, event.callbacks = event.callbacks, None
+                try:
+                    for callback in callbacks:
+                        callback(event)
+                except StopSimulation:
+                    event.callbacks = callbacks[callbacks.index(callback) + 1:]
+                    self.schedule(event, -1)
+                    raise
+                if not event._ok and not hasattr(event, "_defused"):
+                    exc = type(event._value)(*event._value.args)
+                    exc.__cause__ = event._value
+                    raise exc
+        except StopSimulation as exc:
+            return exc.args[0]
+        except EmptySchedule:
+            if until is not None:
+                assert not until.triggered
+                raise RuntimeError("No scheduled events left but \"until\" event was not "
+                                   f"triggered: {until}") from None
+        return None
+
+
+class _Call:
+    """A scheduled callback, the least simpy's ``Environment.step`` needs of an event
+    (``callbacks``, and ``_ok`` so a processed one is not taken for a failure)."""
+
+    __slots__ = ("callbacks",)
+    _ok = True
+
+
 class World:
     """The shared clock, randomness and trace of one simulation run."""
 
@@ -74,7 +180,11 @@ class World:
             raise ValueError("clock_hz must be positive")
         self.seed = seed
         self.clock_hz = clock_hz
-        self.env = simpy.Environment()
+        self.env = _Environment()
+        self._queue = self.env._queue       # simpy's heap and event-id counter, for
+        self._eid = self.env._eid           # call_at & co. (they never change)
+        self._advancing = False
+        self._cycles: dict = {}
         self.trace = Trace()
         self._fd_watchers: dict[int, list[Callable[[int], None]]] = {}
         self._poll: select.poll | None = None
@@ -87,7 +197,14 @@ class World:
 
     def cycles(self, ns: float) -> int:
         """Nanoseconds to cycles, rounded up (a delay is never shortened)."""
-        return math.ceil(ns * self.clock_hz / 1e9 - 1e-9) if ns > 0 else 0
+        # (memoised: the same few delays are converted for every doorbell and
+        # interrupt; bounded, as real-time mode converts a new span each time)
+        c = self._cycles.get(ns)
+        if c is None:
+            c = math.ceil(ns * self.clock_hz / 1e9 - 1e-9) if ns > 0 else 0
+            if len(self._cycles) < 256:
+                self._cycles[ns] = c
+        return c
 
     def ns(self, cycles: int) -> int:
         """Cycles to whole nanoseconds (rounded down)."""
@@ -105,12 +222,22 @@ class World:
             raise BlockingInProcess(
                 f"blocking call from simpy process {self.env.active_process!r}: "
                 "data-path actors must yield events, not block")
-        if cycle > self.env.now:
-            self.env.run(until=cycle)
-        # simpy stops *before* events due at ``until``; the control plane means
-        # "everything up to and including this cycle has happened".
-        while self.env.peek() == cycle:
-            self.env.step()
+        if self._advancing:
+            # A datapath callback (an engine round, a guest core step, an
+            # eventfd watcher) tried to block: same bug as from a process, and
+            # a nested run would step events out of order.
+            raise BlockingInProcess("blocking call from a simpy callback: data-path actors "
+                                    "must schedule events, not block")
+        self._advancing = True
+        try:
+            if cycle > self.env.now:
+                self.env.run(until=cycle)
+            # simpy stops *before* events due at ``until``; the control plane means
+            # "everything up to and including this cycle has happened".
+            while self.env.peek() == cycle:
+                self.env.step()
+        finally:
+            self._advancing = False
 
     def advance(self, cycles: int) -> None:
         self.run_until(self.now + max(0, cycles))
@@ -124,6 +251,33 @@ class World:
     def timeout(self, cycles: int):
         return self.env.timeout(max(0, int(cycles)))
 
+    def call_first(self, callback: Callable[[object], None]) -> None:
+        """Run ``callback(event)`` now, before the events already due now: where
+        ``env.process()`` would run a new process's first step (an urgent event)."""
+        call = _Call()
+        call.callbacks = [callback]
+        heappush(self._queue, (self.env._now, URGENT, next(self._eid), call))
+
+    def schedule_now(self, event) -> None:
+        """Schedule an event object (``callbacks``, ``_ok``) to be processed now,
+        after what is already due now: what ``Event.succeed()`` does."""
+        heappush(self._queue, (self.env._now, NORMAL, next(self._eid), event))
+
+    def call_at(self, cycle: int, callback: Callable[[object], None]) -> None:
+        """Run ``callback(event)`` at ``cycle`` (now if that is past).
+
+        Exactly what ``env.timeout(cycle - now).callbacks.append(callback)``
+        does, in the same order against every other event (same priority,
+        the next event id), without building a Timeout: the datapath
+        schedules one of these per round, per completion and per batch on
+        the wire, so the saving is paid back millions of times.  The event
+        passed is a bare holder: callbacks must not look at it.
+        """
+        call = _Call()          # (no __init__: a slot set is cheaper than a call)
+        call.callbacks = [callback]
+        now = self.env._now
+        heappush(self._queue, (cycle if cycle > now else now, NORMAL, next(self._eid), call))
+
     # --- randomness and trace -------------------------------------------------
     def rng(self, name: str) -> random.Random:
         """A generator private to ``name``: same seed and name, same stream, any process."""
@@ -131,7 +285,7 @@ class World:
         return random.Random(int.from_bytes(digest[:16], "little"))
 
     def record(self, source: str, event: str, **fields) -> None:
-        self.trace.record(self.now, source, event, fields)
+        self.trace.record(int(self.env._now), source, event, fields)
 
     def digest(self) -> str:
         return self.trace.digest()
@@ -176,15 +330,28 @@ class World:
 
     def wake_readable(self) -> None:
         """Report every watched fd that is readable now (C code wrote some)."""
-        if not self._fd_watchers:
+        watchers = self._fd_watchers
+        if not watchers:
             return
-        if self._poll is None:
-            self._poll = select.poll()
-            for watched in self._fd_watchers:
-                self._poll.register(watched, select.POLLIN)
-        for ready, _ in sorted(self._poll.poll(0)):
-            for callback in list(self._fd_watchers.get(ready, ())):
-                callback(ready)
+        poll = self._poll
+        if poll is None:
+            poll = self._poll = select.poll()
+            for watched in watchers:
+                poll.register(watched, select.POLLIN)
+        ready = poll.poll(0)
+        if not ready:
+            return
+        if len(ready) > 1:
+            ready.sort()
+        for fd, _ in ready:
+            callbacks = watchers.get(fd)
+            if not callbacks:
+                continue
+            if len(callbacks) == 1:
+                callbacks[0](fd)
+            else:
+                for callback in list(callbacks):   # a watcher may unwatch
+                    callback(fd)
 
     def notify_watchers(self, fd: int) -> None:
         """Wake the watchers of one fd (for callers that know it is readable)."""

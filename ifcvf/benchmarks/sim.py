@@ -1,6 +1,6 @@
 """`ifcvf bench sim`: how fast the simulated datapath runs, and what limits it.
 
-Two parts:
+Three parts:
 
 * the full datapath (``--no-full`` skips it): a VF brought up through
   ``ifcvf.hw`` over ``hal.sim`` (as ``ifcvf sim run`` does), the device's
@@ -8,6 +8,8 @@ Two parts:
   guest virtio-net driver (``sim.guest``) and the traffic endpoints
   (``sim.traffic``): generator -> wire -> device RX engine -> guest, and
   guest -> device TX engine -> wire -> sink, both offered at 100 Gb/s;
+* the same, one direction at a time (``--no-directions`` skips it), with
+  what binds each and why, in numbers (PCIe TLP arithmetic, guest CPU);
 * the guest side alone (``--no-micro`` skips it): the C kernels per frame
   and the guest model against a device that costs nothing.
 
@@ -43,13 +45,39 @@ Columns:
                   device's DMA, busiest direction of the link) and the guest
                   (its busiest core); each one's utilisation follows
 
+At 1500 B the full run shows PCIe, not the wire, binding TX: both
+directions at line rate need more than Gen3 x16's 113.7 Gb/s of TLP
+bandwidth upstream (RX's data writes, ~1680 B per 1518-byte frame, plus
+TX's read requests, ~85 B per frame: 8.127 Mpps x 1765 B x 8 = ~115 Gb/s),
+and TX's read requests wait behind RX's posted writes.  A real effect of a
+virtio VF on that link, not of the simulator.
+
+The one-direction table runs RX alone (generator -> VF -> guest) and TX
+alone (guest -> VF -> sink), each over --dir-us of simulated time after a
+200 us warm-up:
+  Mpps, of line   frames checked per simulated second, and their share of
+                  line rate (8.127 Mpps at 1518 B, 148.81 Mpps at 64 B)
+  Gb/s wire (L1)  the same on the wire (FCS, preamble and IFG included:
+                  100 at line rate); Gb/s frames: frame bytes only
+  binds           wire when within 1 % of line rate, else the busier of PCIe
+                  (busier direction) and the guest (busiest core)
+  PCIe B/fr       PCIe bytes per frame, TLP framing and headers included,
+                  upstream / downstream (data, used ring, ring reads)
+  PCIe max Mpps   the rate at which those bytes fill the busier direction
+  free guest      where the guest binds, the same run with a guest CPU that
+                  costs nothing: the rate and limit of the device and PCIe
+An explanation of what binds and why, in numbers, follows the table.
+
 The guest-side table (the guest and traffic share of the budget) gives frames per wall-clock
 second of each component on its own: filling frames (generator), checking
 them (sink), the guest's RX and TX ring work in C, and the whole guest model
-(simpy process, eventfds, C) against a device that costs nothing.
+(simpy events, eventfds, C) against a device that costs nothing.
 
 --json FILE writes {"frames_per_wall_s": {size: ...}, "sim_to_wall_ratio":
-{size: ...}, ...}.  Quote medians of several runs: the machine is shared.
+{size: ...}, "full": {...}, "directions": {size: {"rx": {...}, "tx": {...}}},
+"explanation": {"pcie": ..., size: ...}, ...}; frames_per_wall_s and
+sim_to_wall_ratio are the full run's.  Quote medians of several runs: the
+machine is shared.
 """
 
 SIZE_LABELS = {1500: 1518}     # "1500 B traffic" = MTU 1500 = 1518-byte frames
@@ -73,6 +101,11 @@ def register(subparsers) -> None:
                    help="frames per generator burst / guest TX batch / NAPI budget (default 64)")
     p.add_argument("--seed", type=int, default=1, help="world seed (default 1)")
     p.add_argument("--no-full", action="store_true", help="skip the full datapath")
+    p.add_argument("--no-directions", action="store_true",
+                   help="skip the one-direction-at-a-time runs")
+    p.add_argument("--dir-us", type=float, default=2000.0,
+                   help="simulated window per one-direction run in us, after a 200 us "
+                        "warm-up (default 2000)")
     p.add_argument("--no-micro", action="store_true", help="skip the guest-side table")
     p.add_argument("--micro-frames", type=int, default=200_000,
                    help="frames per guest-side kernel measurement (default 200000)")
@@ -267,8 +300,9 @@ def build_datapath(world, *, pairs: int, queue_size: int, burst: int = 64,
 
     The guest's rings are programmed into the VF (IOVA = GPA, guest RAM mapped
     whole), queue q's MSI-X vector 1 + q is the guest's call eventfd for q, and
-    the guest's kicks reach the VF's doorbells as through a host notifier (the
-    guest's MMIO write lands in the notify page: no relay thread on the path).
+    the guest's kicks reach the VF's doorbells through a host notifier (the
+    guest's MMIO write lands in the notify page: no eventfd or relay thread on
+    the path; the kick eventfds exist but are not signalled).
     ``wanted`` limits the features the guest accepts (default: all it supports).
     """
     from hal.memory import HostMemory
@@ -312,14 +346,11 @@ def build_datapath(world, *, pairs: int, queue_size: int, burst: int = 64,
         offsets = [hw.notify_offset(q) for q in range(nq)]
         region = fn.region(hw.caps.notify.bar)
         for q in range(nq):
-            def on_kick(fd, q=q):
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    return
-                region.write16(offsets[q], q)
-            world.watch_fd(kicks[q], on_kick)
-            guest.attach(q, kicks[q], calls[ids.MSIX_QUEUE_VECTOR_BASE + q])
+            # A host notifier: the guest's kick is its MMIO write landing in
+            # the VF's notify page (no eventfd, no relay thread on the path).
+            def notify(q=q, offset=offsets[q], write16=region.write16):
+                write16(offset, q)
+            guest.attach(q, kicks[q], calls[ids.MSIX_QUEUE_VECTOR_BASE + q], notify=notify)
         return Datapath(world, model, fn, hw, memory, guest, features, fds)
     except BaseException:
         fn.close()
@@ -413,6 +444,270 @@ def run_full(label: int, *, pairs: int, queue_size: int, burst: int, seed: int,
 
 
 # ======================================================================================
+# one direction at a time
+# ======================================================================================
+# A guest whose CPU costs (next to) nothing: what the device and PCIe alone allow.
+# (Not zero: a poll that finds nothing must still take a cycle, or the core
+# would spin at one instant.)
+FREE_GUEST = dict(irq_ns=1, poll_ns=1, rx_frame_ns=0, tx_batch_ns=1, tx_frame_ns=0, kick_ns=0)
+WARM_US = 200.0          # rings filled, pipelines busy, before the window opens
+
+
+@dataclass
+class DirResult:
+    """One direction on its own, measured over a window after a warm-up."""
+
+    label: int
+    frame_size: int
+    direction: str                 # "rx" (generator -> VF -> guest) or "tx" (guest -> VF -> sink)
+    window_us: float
+    wall_s: float
+    frames: int                    # checked end to end in the window
+    mpps: float
+    gbps: float                    # Gb/s of frame bytes (no FCS, preamble, IFG)
+    wire_gbps: float               # Gb/s on the wire (layer 1: FCS, preamble, IFG included)
+    line_mpps: float
+    pcie_up: float                 # busy share of each PCIe direction in the window
+    pcie_down: float
+    up_per_frame: float            # PCIe bytes (TLP overhead included) per frame
+    down_per_frame: float
+    pcie_gbps: float               # TLP bandwidth per direction
+    pcie_ceiling_mpps: float       # the link full in the busier direction at these bytes/frame
+    guest: float                   # busiest guest core, busy share in the window
+    guest_ceiling_mpps: float      # the rate scaled to the busiest core at 100 %
+    binds: str
+    dropped: int = 0
+    clean: bool = True
+    free_guest: "DirResult | None" = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def of_line(self) -> float:
+        return self.mpps / self.line_mpps if self.line_mpps else 0.0
+
+    @property
+    def frames_per_wall_s(self) -> float:
+        return _rate(self.frames, self.wall_s)
+
+    def as_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in (
+            "frame_size", "window_us", "frames", "mpps", "gbps", "wire_gbps", "line_mpps",
+            "of_line", "binds", "pcie_up", "pcie_down", "up_per_frame", "down_per_frame",
+            "pcie_gbps", "pcie_ceiling_mpps", "guest", "guest_ceiling_mpps", "dropped", "clean",
+            "wall_s", "frames_per_wall_s")}
+        if self.free_guest is not None:
+            out["free_guest"] = self.free_guest.as_dict()
+        return out
+
+
+def run_direction(label: int, direction: str, *, pairs: int = 4, queue_size: int = 256,
+                  burst: int = 64, seed: int = 1, window_us: float = 2000.0,
+                  warm_us: float = WARM_US, free_guest: bool = False) -> DirResult:
+    """Only RX (generator -> wire -> VF RX engine -> guest) or only TX (guest -> VF TX
+    engine -> wire -> sink), offered at 100 Gb/s; rates over ``window_us`` after ``warm_us``.
+
+    ``free_guest``: the guest's CPU costs next to nothing (``FREE_GUEST``), so
+    what binds is the device, PCIe or the wire."""
+    from sim.guest import GuestCosts
+    from sim.traffic import Generator, Sink
+    from sim.wire import Port, connect
+    from sim.world import World
+
+    if direction not in ("rx", "tx"):
+        raise ValueError(f"direction must be rx or tx, not {direction!r}")
+    size = frame_size(label)
+    world = World(seed)
+    flows = 4 * pairs
+    kw = {"costs": GuestCosts(**FREE_GUEST)} if free_guest else {}
+    dp = build_datapath(world, pairs=pairs, queue_size=queue_size, burst=burst,
+                        tx_rate_gbps=100.0 if direction == "tx" else 0.0, tx_sizes=size,
+                        tx_flows=4, rx_flows=flows, **kw)
+    try:
+        guest, fn = dp.guest, dp.model
+        tester = Port(world, "tester", fn.config.wire_gbps)
+        connect(fn.port, tester)
+        fn.datapath.steer = steer_by_flow(pairs)
+        sink = Sink(world, tester, flows=flows, flow_base=guest.tx_flow_base)
+        gen_burst = max(burst, min(512, 32768 // size))
+        gen = Generator(world, tester, size, rate_gbps=100.0, burst=gen_burst, flows=flows,
+                        flow_run=gen_burst)
+        guest.start()
+        if direction == "rx":
+            gen.start()
+        world.run_until(world.now + world.cycles(warm_us * 1000))
+
+        def taken():
+            counts = guest.rx_counts() if direction == "rx" else sink.counts()
+            pcie = fn.datapath.stats()["pcie"]
+            return (counts.frames, counts.bytes, pcie["up_bytes"], pcie["down_bytes"],
+                    [p.busy_cycles for p in guest.pairs], _rx_dropped(fn))
+
+        before = taken()
+        start = world.now
+        t0 = time.perf_counter()
+        world.run_until(start + world.cycles(window_us * 1000))
+        wall = time.perf_counter() - t0
+        after = taken()
+        gen.stop()
+        span = world.now - start
+        seconds = span / world.clock_hz
+        frames, nbytes = after[0] - before[0], after[1] - before[1]
+        up, down = after[2] - before[2], after[3] - before[3]
+        link = fn.datapath.link
+        link_bytes_s = link.gbps * 1e9 / 8
+        mpps = frames / seconds / 1e6
+        line_mpps = tester.line_rate_pps(size) / 1e6
+        guest_busy = max((b - a) / span for a, b in zip(before[4], after[4]))
+        up_pf, down_pf = up / max(frames, 1), down / max(frames, 1)
+        pcie_up, pcie_down = up / seconds / link_bytes_s, down / seconds / link_bytes_s
+        # Within 1 % of line rate: the wire binds; else the busier of the PCIe
+        # link (its busier direction) and the guest (its busiest core).
+        if mpps >= 0.99 * line_mpps:
+            binds = "wire"
+        else:
+            binds = "pcie" if max(pcie_up, pcie_down) >= guest_busy else "guest"
+        counts = guest.rx_counts() if direction == "rx" else sink.counts()
+        notes = list(guest.errors) + list(fn.errors)
+        result = DirResult(
+            label, size, direction, window_us, wall, frames, mpps, nbytes * 8 / seconds / 1e9,
+            (nbytes + frames * _wire_overhead()) * 8 / seconds / 1e9, line_mpps, pcie_up,
+            pcie_down, up_pf, down_pf, link.gbps,
+            link_bytes_s / max(up_pf, down_pf, 1e-9) / 1e6, guest_busy,
+            mpps / guest_busy if guest_busy > 0 else float("inf"), binds,
+            dropped=after[5] - before[5],
+            clean=not (counts.corrupted or counts.duplicates or counts.out_of_order or notes),
+            notes=notes)
+    finally:
+        dp.close()
+    return result
+
+
+def _rx_dropped(fn) -> int:
+    return sum(q["dropped"] for q in fn.datapath.stats()["queues"].values() if q["kind"] == "rx")
+
+
+def _wire_overhead() -> int:
+    from sim.frames import WIRE_OVERHEAD
+    return WIRE_OVERHEAD
+
+
+def run_directions(label: int, *, pairs: int, queue_size: int, burst: int, seed: int,
+                   window_us: float) -> dict:
+    """RX alone and TX alone; where the guest is not what lets them reach line rate
+    either, once more with a guest that costs nothing (what PCIe allows)."""
+    out = {}
+    for direction in ("rx", "tx"):
+        r = run_direction(label, direction, pairs=pairs, queue_size=queue_size, burst=burst,
+                          seed=seed, window_us=window_us)
+        if r.binds == "guest":
+            r.free_guest = run_direction(label, direction, pairs=pairs, queue_size=queue_size,
+                                         burst=burst, seed=seed,
+                                         window_us=min(window_us, 500.0), free_guest=True)
+        out[direction] = r
+    return out
+
+
+def tlp_bytes(link, hdr_len: int, size: int) -> dict:
+    """PCIe bytes per frame for its data alone (header + frame, no rings), by the
+    TLP rules of sim.pcie_link: RX = posted writes split at MPS; TX = read
+    requests split at MRRS upstream, completions split at MPS (or RCB) downstream."""
+    from sim.pcie_link import CPL_OVERHEAD, REQ_BYTES, WRITE_OVERHEAD
+    n = hdr_len + size - 4
+    writes = -(-n // link.mps)
+    reqs = -(-n // link.mrrs)
+    cpls = -(-n // link.cpl_unit)
+    return {"bytes": n, "writes": writes, "rx_up": n + WRITE_OVERHEAD * writes,
+            "reqs": reqs, "tx_up": REQ_BYTES * reqs, "cpls": cpls,
+            "tx_down": n + CPL_OVERHEAD * cpls, "write_overhead": WRITE_OVERHEAD,
+            "req_bytes": REQ_BYTES, "cpl_overhead": CPL_OVERHEAD}
+
+
+def explain_link(link) -> str:
+    """The PCIe capacity every explanation refers to."""
+    return (f"PCIe Gen{link.gen} x{link.lanes} leaves {link.gbps:.1f} Gb/s per direction for "
+            f"TLPs ({float(link.raw) * 8 / 1e9:.1f} Gb/s after 128b/130b coding, minus "
+            f"ACK/UpdateFC DLLPs and SKP ordered sets at MPS {link.mps}); a memory write TLP "
+            f"costs 24 B beside its payload, a read request 24 B, a completion 20 B.")
+
+
+def explain(label: int, dirs: dict, full: "FullResult | None", *, pairs: int,
+            hdr_len: int = 12, link=None, costs=None, budget: int = 64) -> str:
+    """Why each direction gets what it gets, in numbers (printed under the table, in --json)."""
+    from sim.guest import GuestCosts
+    rx, tx = dirs["rx"], dirs["tx"]
+    costs = costs or GuestCosts()
+    link = link or _default_link()
+    t = tlp_bytes(link, hdr_len, rx.frame_size)
+    s_w = "s" if t["writes"] > 1 else ""
+    s_c = "s" if t["cpls"] > 1 else ""
+    rx_why = (f"{rx.up_per_frame:.0f} B upstream per frame: {t['bytes']} B of header + frame in "
+              f"{t['writes']} write TLP{s_w} = {t['rx_up']} B, the rest used-ring writes and "
+              f"ring/descriptor reads")
+    tx_why = (f"{tx.down_per_frame:.0f} B downstream per frame: {t['cpls']} completion{s_c} "
+              f"= {t['tx_down']} B, the rest descriptor and ring reads; plus "
+              f"{tx.up_per_frame:.0f} B of read requests upstream")
+    if rx.binds == "wire" and tx.binds == "wire":
+        text = (f"{label} B: each direction alone reaches line rate, RX {rx.mpps:.3f} and TX "
+                f"{tx.mpps:.3f} Mpps ({rx.of_line:.1%} and {tx.of_line:.1%} of "
+                f"{rx.line_mpps:.3f} Mpps = 100 Gb/s on the wire): the wire binds.  RX costs "
+                f"{rx_why}: {rx.pcie_up:.0%} of upstream.  TX costs {tx_why}: "
+                f"{tx.pcie_down:.0%} of downstream.")
+        need = rx.line_mpps * 1e6 * (rx.up_per_frame + tx.up_per_frame) * 8 / 1e9
+        if need > rx.pcie_gbps:
+            text += (f"  Both at once need ({rx.up_per_frame:.0f} + {tx.up_per_frame:.0f}) B "
+                     f"upstream x {rx.line_mpps:.3f} Mpps = {need:.1f} Gb/s > "
+                     f"{rx.pcie_gbps:.1f} Gb/s: upstream saturates, RX's posted writes go "
+                     f"first and TX's read requests queue behind them, so TX falls short")
+            if full is not None:
+                text += (f" (full run: RX {full.rx_mpps:.2f} Mpps, TX {full.tx_mpps:.2f} Mpps "
+                         f"= {full.tx_gbps:.1f} Gb/s of frames)")
+            text += "."
+        return text
+    parts = []
+    for r, name in ((rx, "RX"), (tx, "TX")):
+        if r.binds == "wire":
+            parts.append(f"{label} B {name} alone: {r.mpps:.3f} Mpps, line rate.")
+            continue
+        if r.binds == "guest":
+            frame_ns, batch_ns = ((costs.rx_frame_ns, costs.poll_ns) if name == "RX"
+                                  else (costs.tx_frame_ns, costs.tx_batch_ns))
+            per_frame = frame_ns + batch_ns / budget
+            text = (f"{label} B {name} alone: {r.mpps:.1f} Mpps, the guest's CPU binds (busiest "
+                    f"core {r.guest:.0%}; {frame_ns:g} ns per frame + {batch_ns:g} ns per "
+                    f"{'poll' if name == 'RX' else 'batch'} of up to {budget} = "
+                    f"~{1e3 / per_frame:.1f} Mpps per core, x {pairs} pairs).")
+        else:
+            text = f"{label} B {name} alone: {r.mpps:.1f} Mpps, PCIe binds."
+        text += (f"  PCIe would stop it at {r.pcie_ceiling_mpps:.0f} Mpps "
+                 f"({rx_why if name == 'RX' else tx_why})")
+        if r.pcie_ceiling_mpps < r.line_mpps:
+            text += f", below the {r.line_mpps:.1f} Mpps line rate"
+        text += "."
+        free = r.free_guest
+        if free is not None:
+            text += (f"  With a guest that costs nothing: {free.mpps:.1f} Mpps, {free.binds} "
+                     f"binds")
+            if free.binds == "pcie":
+                text += f" ({max(free.pcie_up, free.pcie_down):.0%} busy)"
+            text += "."
+        parts.append(text)
+    if all(r.binds != "wire" and r.pcie_ceiling_mpps < r.line_mpps for r in (rx, tx)):
+        parts.append(f"So {label} B traffic is guest-bound here, and with a faster guest it "
+                     f"would be PCIe-bound, never wire-bound.")
+    return "  ".join(parts)
+
+
+def _default_link():
+    from sim.config import IfcvfConfig
+    from sim.pcie_link import PcieLink
+    from sim.world import World
+    cfg = IfcvfConfig()
+    return PcieLink(World(0), gen=cfg.pcie_gen, lanes=cfg.pcie_lanes, mps=cfg.pcie_mps,
+                    mrrs=cfg.pcie_mrrs, rcb=cfg.pcie_rcb,
+                    completions_at_rcb=cfg.pcie_completions_at_rcb)
+
+
+# ======================================================================================
 # the command
 # ======================================================================================
 def cmd_sim(args) -> int:
@@ -435,8 +730,8 @@ def cmd_sim(args) -> int:
     results: dict = {"frames_per_wall_s": {}, "sim_to_wall_ratio": {}}
     status = 0
 
+    full: list = []
     if not args.no_full:
-        full = []
         with console.status("full datapath") as st:
             for label in labels:
                 st.update(f"full datapath, {label} B")
@@ -477,6 +772,55 @@ def cmd_sim(args) -> int:
             "tx_gbps": r.tx_gbps, "rx_dropped": r.rx_dropped, "offered_rx": r.offered_rx,
             "utilisation": r.utilisation, "binds": r.binds, "clean": r.clean,
             "wall_s": r.wall_s, "sim_us": r.sim_us} for r in full}
+
+    if not args.no_directions:
+        dirs: dict = {}
+        with console.status("one direction at a time") as st:
+            for label in labels:
+                st.update(f"one direction at a time, {label} B")
+                dirs[label] = run_directions(label, pairs=args.pairs, queue_size=args.queue_size,
+                                             burst=args.burst, seed=args.seed,
+                                             window_us=max(10.0, args.dir_us))
+        table = Table(title=f"one direction at a time ({args.dir_us:,.0f} us after {WARM_US:.0f} "
+                            "us warm-up)\nRX: generator -> VF -> guest; TX: guest -> VF -> sink")
+        table.add_column("")
+        cols = [(label, d) for label in labels for d in ("rx", "tx")]
+        for label, d in cols:
+            table.add_column(f"{label} B {d.upper()}", justify="right")
+
+        def drow(name, fmt):
+            table.add_row(name, *(fmt(dirs[label][d]) for label, d in cols))
+        drow("Mpps", lambda r: f"{r.mpps:.3f}")
+        drow("  of line", lambda r: f"{r.of_line:.1%}")
+        drow("Gb/s wire (L1)", lambda r: f"{r.wire_gbps:.1f}")
+        drow("Gb/s frames", lambda r: f"{r.gbps:.1f}")
+        drow("binds", lambda r: r.binds)
+        drow("  PCIe up/down", lambda r: f"{r.pcie_up:.0%} / {r.pcie_down:.0%}")
+        drow("  guest", lambda r: f"{r.guest:.0%}")
+        drow("PCIe B/fr up/dn", lambda r: f"{r.up_per_frame:.0f} / {r.down_per_frame:.0f}")
+        drow("PCIe max Mpps", lambda r: f"{r.pcie_ceiling_mpps:.1f}")
+        drow("free guest Mpps", lambda r: f"{r.free_guest.mpps:.1f} ({r.free_guest.binds})"
+             if r.free_guest is not None else "-")
+        drow("frames/wall-s", lambda r: f"{r.frames_per_wall_s:,.0f}")
+        drow("checked", lambda r: "ok" if r.clean else "[red]BAD[/]")
+        console.print(table)
+        link = _default_link()
+        explanations = {"pcie": explain_link(link)}
+        console.print(explanations["pcie"], highlight=False)
+        full_by_label = {r.label: r for r in full} if not args.no_full else {}
+        for label in labels:
+            text = explain(label, dirs[label], full_by_label.get(label), pairs=args.pairs,
+                           link=link, budget=args.burst)
+            explanations[str(label)] = text
+            console.print(text, highlight=False)
+            for r in dirs[label].values():
+                if not r.clean:
+                    status = 1
+                    for note in r.notes[:5]:
+                        err.print(f"[red]{label} B {r.direction}:[/] {note}")
+        results["directions"] = {str(label): {d: r.as_dict() for d, r in dirs[label].items()}
+                                 for label in labels}
+        results["explanation"] = explanations
 
     if not args.no_micro:
         with console.status("guest side") as st:

@@ -1,4 +1,4 @@
-"""The device datapath's C (csrc/simdp.c) under AddressSanitizer + UBSan.
+"""The datapath's C (csrc/simdp.c, guest_ring.c, guest_frames.c) under AddressSanitizer + UBSan.
 
 The hostile-ring, property, engine and dirty-logging tests run in a child
 process against a sanitized build (tests/sanitize/relay_sanitized.py does the
@@ -20,7 +20,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "sanitize" / "relay_sanitized.py"
 TESTS = ["tests/property/test_engine_props.py", "tests/sim/test_engine_faults.py",
          "tests/sim/test_engine_rx.py", "tests/sim/test_engine_tx.py",
-         "tests/sim/test_dirty_logging.py", "tests/sim/test_wire.py"]
+         "tests/sim/test_dirty_logging.py", "tests/sim/test_wire.py",
+         # the guest's ring and frame kernels (csrc/guest_ring.c, guest_frames.c) and
+         # the whole stack, one direction at a time, through the RX FIFO in C
+         "tests/sim/test_traffic.py", "tests/sim/test_guest_datapath.py",
+         "tests/sim/test_guest_bench.py"]
 
 
 def load_script():

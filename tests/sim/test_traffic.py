@@ -232,3 +232,34 @@ def test_sink_reports_bad_frames_in_the_trace():
     world.run_until(world.cycles(1000))
     assert sink.counts().bad_payload == 1 and sink.counts().lost == 1
     assert world.trace.find("frames_bad")
+
+
+# --- the fast paths give what the general ones give -------------------------------
+@pytest.mark.parametrize("size", [64, 65, 71, 72, 100, 1518])
+@pytest.mark.parametrize("flows,run", [(1, 1), (3, 2), (16, 5), (4, 512)])
+def test_one_size_streams_fill_exactly_as_the_general_path(size, flows, run):
+    """A one-size stream fills from a header template, a flow's run at a time
+    (csrc/guest_frames.c); a table of two equal sizes takes the general path."""
+    fast = Stream(SizeDist([size]), flows=flows, flow_run=run, flow_base=5)
+    general = Stream(SizeDist([size, size]), flows=flows, flow_run=run, flow_base=5)
+    for n in (1, 7, 64, 3):
+        a, b = fast.batch(n), general.batch(n)
+        assert bytes(a.data) == bytes(b.data) and list(a.lengths) == list(b.lengths)
+    assert fast.sent_per_flow() == general.sent_per_flow()
+    for field in ("flow_cursor", "run_pos", "frames", "bytes"):
+        assert getattr(fast.c, field) == getattr(general.c, field)
+
+
+def test_pooled_batches_keep_their_bytes_while_anyone_holds_them():
+    from sim.wire import BufferPool
+    pool = BufferPool(64 * 60)
+    s, ref = Stream(SizeDist.fixed(64), flows=2), Stream(SizeDist.fixed(64), flows=2)
+    kept = s.batch(64, pool)                     # held: its buffer must not be reused
+    expected = bytes(ref.batch(64).data)
+    assert isinstance(kept.data, memoryview) and bytes(kept.data) == expected
+    for _ in range(3):
+        s.batch(64, pool)                        # dropped at once: one buffer goes round
+        ref.batch(64)
+    assert bytes(kept.data) == expected and len(pool) == 2
+    big = s.batch(65, pool)                      # more than a pool buffer: a plain bytearray
+    assert isinstance(big.data, bytearray) and bytes(big.data) == bytes(ref.batch(65).data)
