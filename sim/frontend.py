@@ -189,22 +189,20 @@ class FrontEnd:
             os.close(fd)  # the back-end has its own copy now
         return fd
 
-    def _set_call(self, index: int) -> None:
-        """A fresh call eventfd: we keep our end to see the interrupts."""
+    def _set_kept_fd(self, request: p.Request, index: int, kept: dict[int, int]) -> None:
+        """A fresh eventfd for a vring; we keep our end (to kick, or to see interrupts)."""
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.send(R.SET_VRING_CALL, p.VringFd(index), fds=[fd])
-        old = self.call_fds.pop(index, None)
+        self.send(request, p.VringFd(index), fds=[fd])
+        old = kept.pop(index, None)
         if old is not None:
             os.close(old)
-        self.call_fds[index] = fd
+        kept[index] = fd
+
+    def _set_call(self, index: int) -> None:
+        self._set_kept_fd(R.SET_VRING_CALL, index, self.call_fds)
 
     def _set_kick(self, index: int) -> None:
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.send(R.SET_VRING_KICK, p.VringFd(index), fds=[fd])
-        old = self.kick_fds.pop(index, None)
-        if old is not None:
-            os.close(old)
-        self.kick_fds[index] = fd
+        self._set_kept_fd(R.SET_VRING_KICK, index, self.kick_fds)
 
     def set_memory(self, regions: list[Region]) -> None:
         self.regions = list(regions)

@@ -27,17 +27,14 @@ def run(scenario, console, plot=None) -> dict:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("starting", total=None)
-        world_ref = {}
 
         def on_phase(phase, info):
             it = info.get("iteration")
             what = (f"iteration {it.index}: copied {it.pages_copied} pages, {it.remaining_pages} dirty"
                     if it else phase)
-            progress.update(task, description=f"{what}")
+            progress.update(task, description=what)
 
-        runner = migration.MigrationRun(scenario, on_phase)
-        world_ref["world"] = runner.host.world
-        result = runner.run()
+        result = migration.MigrationRun(scenario, on_phase).run()
     show_migration(result, console)
     if plot:
         from ifcvf.runs.plot import plot_migration
