@@ -289,7 +289,7 @@ class VhostBackend:
             area = self.driver.get_notify_area(v.index)
             if area is None:
                 continue
-            payload = p.VringArea(v.index, False, area.size, area.offset)
+            payload = p.VringArea(v.index, size=area.size, offset=area.offset)
             self.pending_backend.append((p.encode_backend_request(
                 p.BackendRequest.VRING_HOST_NOTIFIER_MSG, payload, need_reply=self._reply_ack), [area.fd]))
 

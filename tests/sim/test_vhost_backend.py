@@ -230,3 +230,28 @@ def test_memory_hotplug_while_running_stops_remaps_and_reconfigures(host, ram):
         assert fe.stop(rings) == {0: 0, 1: 0, 2: 0, 3: 0}
     finally:
         extra.close()
+
+
+def test_host_notifiers_offered_after_setup_and_config_changes_forwarded(host, ram, monkeypatch):
+    """Where the HAL has a notify area (VFIO), each enabled vring's doorbell page is
+    offered to QEMU over the back-end channel once the set-up is acknowledged; the
+    VF's config interrupt reaches QEMU as BACKEND_CONFIG_CHANGE."""
+    from hal.api import NotifyArea
+
+    page = HostMemory(4096, "doorbells")
+    try:
+        vf = host.add_vf(IfcvfConfig(queue_pairs=2))
+        monkeypatch.setattr(vf.fn, "notify_area",
+                            lambda bar, offset: NotifyArea(page.fd, offset & ~0xFFF, 4096))
+        vf, fe, rings = start(host, ram)
+        notifiers = [m for m in fe.backend_requests
+                     if m.request is p.BackendRequest.VRING_HOST_NOTIFIER_MSG]
+        assert sorted(m.payload.index for m in notifiers) == [0, 1, 2, 3]
+        assert all(m.payload.size == 4096 and not m.payload.nofd for m in notifiers)
+        vf.model.set_link(False)
+        host.world.advance_ns(50_000)
+        host.pump()
+        fe.service_backend_channel()
+        assert any(m.request is p.BackendRequest.CONFIG_CHANGE_MSG for m in fe.backend_requests)
+    finally:
+        page.close()
