@@ -54,11 +54,6 @@ class HostMemory:
         self.address = int(_ffi.cast("uintptr_t", _ffi.from_buffer(self.mmap)))
         self.closed = False
 
-    @classmethod
-    def from_fd(cls, fd: int, size: int, offset: int = 0, name: str = "mapped") -> "HostMemory":
-        """Map ``size`` bytes of a received fd; the object takes ownership of fd."""
-        return cls(size, name, fd=fd, offset=offset)
-
     def close(self) -> None:
         if self.closed:
             return

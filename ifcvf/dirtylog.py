@@ -63,9 +63,6 @@ class DirtyLog:
             raise ValueError(f"ifc_log_fetch_clear failed ({rc})")
         return bytes(out)
 
-    def is_dirty(self, page: int) -> bool:
-        return bool(self._view[page >> 3] >> (page & 7) & 1)
-
     def dirty_pages(self) -> list[int]:
         """Page numbers whose bit is set (a snapshot, not atomic)."""
         return bitmap_pages(self._view)

@@ -464,10 +464,3 @@ class IfcvfHw:
         """A 16-bit write of the queue index to its doorbell."""
         offset = self.notify_offset(index) if notify_offset is None else notify_offset
         self.notify_region.write16(offset, index)
-
-    def read_isr(self) -> int:
-        return self.isr.read8(0)
-
-
-__all__ = ["IfcvfHw", "HwError", "CapabilityError", "QueueConfig", "RingState", "Timeouts",
-           "NetConfig", "walk_capabilities", "HalError"]

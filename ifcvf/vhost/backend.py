@@ -113,10 +113,6 @@ class VhostBackend:
         self.stats = {"messages": 0, "refused": 0}
 
     # --- the VhostDevice view the driver uses -------------------------------------
-    @property
-    def negotiated(self) -> int:
-        return self.features
-
     def vring_views(self) -> list[Vring]:
         out = []
         for v in self.vrings:
