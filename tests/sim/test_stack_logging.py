@@ -68,14 +68,21 @@ def stack(request):
     log.close()
 
 
-def test_every_page_the_vf_wrote_is_logged(stack):
+def start_logging(stack, warmup_us: float) -> DirtyLogReader:
+    """Traffic on, then QEMU's SET_LOG_BASE and LOG_ALL; the reader takes the log as QEMU does."""
     host, vf, vm, fe, sink, gen, log = stack
     vm.guest.start()
     gen.start()
-    host.world.advance_ns(200 * US)
+    host.world.advance_ns(warmup_us * US)
     fe.set_log_base(log.fd, log_bytes_for(vm.ram.size))
     reader = DirtyLogReader(log, log_bytes_for(vm.ram.size))
     fe.set_log_all(True, vm.rings)
+    return reader
+
+
+def test_every_page_the_vf_wrote_is_logged(stack):
+    host, vf, vm, fe, sink, gen, log = stack
+    reader = start_logging(stack, 200)
     mode = vf.driver.mode
     assert mode == ("sw-relay" if vf.driver.devargs.sw_live_migration else "hw-logging")
     reader.fetch_and_clear()
@@ -114,12 +121,7 @@ def test_cancelled_migration_leaves_nothing_behind(stack):
 
 def test_stop_while_logging_marks_used_rings_and_reports_bases(stack):
     host, vf, vm, fe, sink, gen, log = stack
-    vm.guest.start()
-    gen.start()
-    host.world.advance_ns(100 * US)
-    fe.set_log_base(log.fd, log_bytes_for(vm.ram.size))
-    reader = DirtyLogReader(log, log_bytes_for(vm.ram.size))
-    fe.set_log_all(True, vm.rings)
+    reader = start_logging(stack, 100)
     host.world.advance_ns(200 * US)
     vm.guest.pause()
     gen.stop()
