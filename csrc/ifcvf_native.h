@@ -272,7 +272,15 @@ int ifc_mem_table_check(const struct ifc_mem_table *mem);
  *     (guest avail->ring[size], read after the full fence) lies in [old, new)
  *     (virtio's vring_need_event); else the guest avail->flags lack
  *     NO_INTERRUPT.
+ *     Whether or not entries were relayed, the guest used->flags and (with
+ *     EVENT_IDX) avail_event follow the mediated ones (logged like the
+ *     used ring when they change): the device moves them without completing.
  *     res->more: mediated used->idx (re-read) != last, i.e. call again.
+ *     res->poll: NONE when the device holds no guest buffer (avail->idx ==
+ *     mediated used->idx; a kick brings new ones), SLOW when it will
+ *     interrupt for its next entries (EVENT_IDX: guest used_event in
+ *     [mediated used->idx, avail->idx); else no NO_INTERRUPT), FAST when it
+ *     would complete them silently or `more` is set.
  * Returns count (>= 0) or a negative error.  Calls on one queue are
  * serialised by a spin lock in the queue, so a catch-up from another thread
  * is safe while the notify loop runs.
@@ -285,6 +293,9 @@ int ifc_mem_table_check(const struct ifc_mem_table *mem);
 
 #define IFC_RELAY_F_EVENT_IDX 1   /* VIRTIO_RING_F_EVENT_IDX negotiated */
 #define IFC_RELAY_F_LOG_USED 2    /* VHOST_VRING_F_LOG: log used-ring writes */
+#define IFC_RELAY_POLL_NONE 0     /* res->poll: the device holds no buffer to complete */
+#define IFC_RELAY_POLL_SLOW 1     /* it will interrupt: a slow safety poll is enough */
+#define IFC_RELAY_POLL_FAST 2     /* it may complete entries silently: poll soon */
 
 /* Reasons (res->reason).  For per-call reasons err_idx is the failing entry's
  * used index and err_desc the descriptor (in the ring, or err_indirect: in the
@@ -350,7 +361,7 @@ struct ifc_relay_result {
     uint8_t signal;           /* the guest asked for an interrupt */
     uint8_t more;             /* entries remain: call again */
     uint8_t err_indirect;     /* err_desc indexes an indirect table */
-    uint8_t reserved;
+    uint8_t poll;             /* IFC_RELAY_POLL_*: look again without an interrupt? */
     uint32_t reason;          /* IFC_RELAY_E_* */
     uint16_t err_idx;         /* free-running used index of the failing entry */
     uint16_t reserved2;
@@ -422,13 +433,15 @@ struct ifc_notify_queue {
     int32_t kick_fd;          /* guest kick eventfd, -1: none */
     int32_t intr_fd;          /* device interrupt eventfd (relayed queues), -1: none */
     int32_t call_fd;          /* guest call eventfd, -1: none */
-    uint32_t reserved;
+    uint32_t poll_ns;         /* relayed: poll again this long from now, 0: no poll */
     uint64_t doorbell;        /* host address of the 16-bit doorbell, 0: forward */
     struct ifc_relay_queue *relay;    /* NULL: not relayed */
     uint64_t kicks;           /* kicks taken (doorbell written or forwarded) */
     uint64_t interrupts;      /* device interrupts taken */
     uint64_t relayed;         /* used entries relayed */
     uint64_t signals;         /* guest call fd writes */
+    uint64_t polls;           /* relays without an interrupt (timer polls) */
+    uint32_t poll_advice;     /* IFC_RELAY_POLL_* of the last relay */
     int32_t broken;           /* 0, or the relay error code */
     uint32_t broken_claim;    /* first error wins */
     struct ifc_relay_result error;    /* valid once broken != 0 */
@@ -449,12 +462,11 @@ struct ifc_notify_ctx {
     int32_t stop_fd;
     uint32_t busy;            /* run or step in progress */
     int32_t sys_errno;        /* errno of the last IFC_ERR_SYS */
-    uint32_t poll_ns;         /* follow-up poll after a relay, 0: none (see ifc_notify_set_poll) */
+    uint32_t poll_min_ns;     /* adaptive poll period bounds, 0: no polls (ifc_notify_set_poll) */
+    uint32_t poll_max_ns;
     uint64_t wakeups;         /* epoll_wait returns with events */
-    int32_t timer_fd;         /* run(): the follow-up poll timer, -1: none */
-    uint32_t poll_pending;    /* a relay moved entries: poll again after poll_ns */
-    uint32_t timer_armed;
-    uint32_t reserved;
+    int32_t timer_fd;         /* run(): the poll timer, -1: none */
+    uint32_t timer_ns;        /* run(): the period the timer is armed with, 0: disarmed */
 };
 
 /* Create the epoll set and the stop eventfd; fds are made O_NONBLOCK. */
@@ -468,15 +480,23 @@ int ifc_notify_step(struct ifc_notify_ctx *ctx, struct ifc_notify_event *out, ui
 /* Relay queue qid now (as an interrupt would); events out as for step. */
 int ifc_notify_catch_up(struct ifc_notify_ctx *ctx, uint32_t qid,
                         struct ifc_notify_event *out, uint32_t max_out);
-/* Follow-up polls: after any relay that moved entries, relay every relayed
- * queue again poll_ns later (and again while that moves entries).  A device
- * with EVENT_IDX reads used_event from the *guest's* avail ring, which the
- * guest sets from the used index the relay published: once the device is
- * past it, no interrupt comes until the index wraps, so the relay must not
- * wait for one.  run() uses a timerfd; a simulator calls ifc_notify_poll at
- * modelled times instead.  0 turns it off. */
-int ifc_notify_set_poll(struct ifc_notify_ctx *ctx, uint32_t poll_ns);
-/* Relay every relayed queue now; events out as for step. */
+/* Adaptive polls of the relayed queues.  A device reads used_event (or
+ * avail->flags) from the *guest's* avail ring, which the guest sets from the
+ * used index the relay showed it: whenever the guest's value lies behind the
+ * device's index (Linux writes 0 there entering NAPI other than from an
+ * interrupt, and moves it entry by entry while it polls), the device
+ * completes entries without interrupting, and only a poll finds them.  After
+ * every relay of a queue (see res->poll): FAST -> poll again min_ns later,
+ * doubling up to max_ns while polls find nothing; SLOW (the device will
+ * interrupt) -> a safety poll every max_ns, since the guest may move
+ * used_event back at any time; NONE (the device holds no buffer) -> no poll
+ * until a kick of that queue, which restarts at min_ns.  run() uses a
+ * timerfd; a simulator asks ifc_notify_next_poll and calls ifc_notify_poll
+ * at modelled times.  min_ns 0 turns polling off. */
+int ifc_notify_set_poll(struct ifc_notify_ctx *ctx, uint32_t min_ns, uint32_t max_ns);
+/* The earliest poll period any relayed queue asks for, 0: none. */
+uint32_t ifc_notify_next_poll(const struct ifc_notify_ctx *ctx);
+/* Relay every queue that asked for a poll, now; events out as for step. */
 int ifc_notify_poll(struct ifc_notify_ctx *ctx, struct ifc_notify_event *out, uint32_t max_out);
 /* Close the epoll and stop fds (not the queue fds, which the caller owns). */
 void ifc_notify_close(struct ifc_notify_ctx *ctx);

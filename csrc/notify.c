@@ -68,6 +68,8 @@ static void do_kick(struct ifc_notify_ctx *ctx, uint32_t qid, struct out *o)
     if (!drain(nq->kick_fd))
         return;
     __atomic_fetch_add(&nq->kicks, 1, __ATOMIC_RELAXED);
+    if (nq->relay != NULL && ctx->poll_min_ns && nq->poll_ns == 0)
+        nq->poll_ns = ctx->poll_min_ns;   /* new buffers: see whether it interrupts for them */
     if (nq->doorbell) {
         /* One exact 16-bit store: the notify register takes the queue index. */
         *(volatile uint16_t *)(uintptr_t)nq->doorbell = (uint16_t)qid;
@@ -83,6 +85,23 @@ static void mark_broken(struct ifc_notify_queue *nq, const struct ifc_relay_resu
         return;   /* the first error is the one kept */
     nq->error = *res;
     __atomic_store_n(&nq->broken, res->rc, __ATOMIC_RELEASE);
+}
+
+/* The queue's next poll from the relay's advice (see ifc_notify_set_poll). */
+static void plan_poll(struct ifc_notify_ctx *ctx, struct ifc_notify_queue *nq, uint32_t advice,
+                      uint64_t relayed)
+{
+    uint32_t next = 0;
+    if (ctx->poll_min_ns == 0 || advice == IFC_RELAY_POLL_NONE)
+        next = 0;
+    else if (advice == IFC_RELAY_POLL_SLOW)
+        next = ctx->poll_max_ns;
+    else if (relayed || nq->poll_advice != IFC_RELAY_POLL_FAST || nq->poll_ns == 0)
+        next = ctx->poll_min_ns;   /* found work, or just became unsafe: look again soon */
+    else
+        next = nq->poll_ns >= ctx->poll_max_ns / 2 ? ctx->poll_max_ns : 2 * nq->poll_ns;
+    nq->poll_advice = advice;
+    nq->poll_ns = next;
 }
 
 /* Relay what the device has produced; entries or a negative error. */
@@ -105,8 +124,8 @@ static int relay_queue(struct ifc_notify_ctx *ctx, uint32_t qid, struct out *o)
         if (!more)
             break;
     }
+    plan_poll(ctx, nq, rc < 0 ? IFC_RELAY_POLL_NONE : res.poll, total);
     if (total) {
-        __atomic_store_n(&ctx->poll_pending, 1, __ATOMIC_RELEASE);
         __atomic_fetch_add(&nq->relayed, total, __ATOMIC_RELAXED);
         emit(o, qid, IFC_NOTIFY_EV_RELAY, -1, 0, total);
     }
@@ -137,25 +156,46 @@ static void do_intr(struct ifc_notify_ctx *ctx, uint32_t qid, struct out *o)
     relay_queue(ctx, qid, o);
 }
 
-static void poll_all(struct ifc_notify_ctx *ctx, struct out *o)
+/* The timer poll: relay every queue that asked for one. */
+static void poll_due(struct ifc_notify_ctx *ctx, struct out *o)
 {
-    for (uint32_t qid = 0; qid < ctx->nqueues; qid++)
-        if (ctx->queues[qid].relay != NULL)
+    for (uint32_t qid = 0; qid < ctx->nqueues; qid++) {
+        struct ifc_notify_queue *nq = &ctx->queues[qid];
+        if (nq->relay != NULL && nq->poll_ns) {
+            __atomic_fetch_add(&nq->polls, 1, __ATOMIC_RELAXED);
             relay_queue(ctx, qid, o);
+        }
+    }
 }
 
-/* Arm the one-shot follow-up poll if a relay moved entries since the last one. */
+uint32_t ifc_notify_next_poll(const struct ifc_notify_ctx *ctx)
+{
+    uint32_t next = 0;
+    if (ctx == NULL)
+        return 0;
+    for (uint32_t qid = 0; qid < ctx->nqueues; qid++) {
+        uint32_t p = ctx->queues[qid].poll_ns;
+        if (ctx->queues[qid].relay != NULL && p && (next == 0 || p < next))
+            next = p;
+    }
+    return next;
+}
+
+/* run(): (re)arm the timer when a poll is wanted sooner than it would fire,
+ * disarm it when none is. */
 static void arm_poll(struct ifc_notify_ctx *ctx)
 {
-    if (ctx->timer_fd < 0 || ctx->timer_armed
-        || !__atomic_exchange_n(&ctx->poll_pending, 0, __ATOMIC_ACQ_REL))
+    if (ctx->timer_fd < 0)
+        return;
+    uint32_t next = ifc_notify_next_poll(ctx);
+    if (next == ctx->timer_ns || (next && ctx->timer_ns && next > ctx->timer_ns))
         return;
     struct itimerspec its;
     memset(&its, 0, sizeof its);
-    its.it_value.tv_sec = ctx->poll_ns / 1000000000u;
-    its.it_value.tv_nsec = ctx->poll_ns % 1000000000u;
+    its.it_value.tv_sec = next / 1000000000u;
+    its.it_value.tv_nsec = next % 1000000000u;
     if (timerfd_settime(ctx->timer_fd, 0, &its, NULL) == 0)
-        ctx->timer_armed = 1;
+        ctx->timer_ns = next;
 }
 
 /* Handle one batch of epoll events; returns 1 when a stop request was seen. */
@@ -180,8 +220,8 @@ static int handle(struct ifc_notify_ctx *ctx, const struct epoll_event *evs, int
             break;
         case KIND_TIMER:
             drain(ctx->timer_fd);
-            ctx->timer_armed = 0;
-            poll_all(ctx, o);
+            ctx->timer_ns = 0;
+            poll_due(ctx, o);
             break;
         default:
             break;
@@ -271,6 +311,7 @@ int ifc_notify_run(struct ifc_notify_ctx *ctx)
         return IFC_ERR_BUSY;
     struct epoll_event evs[MAX_EVENTS];
     int rc = IFC_OK;
+    arm_poll(ctx);
     for (;;) {
         int n = epoll_wait(ctx->epfd, evs, MAX_EVENTS, -1);
         if (n < 0) {
@@ -341,11 +382,11 @@ int ifc_notify_catch_up(struct ifc_notify_ctx *ctx, uint32_t qid,
     return (int)o.n;
 }
 
-int ifc_notify_set_poll(struct ifc_notify_ctx *ctx, uint32_t poll_ns)
+int ifc_notify_set_poll(struct ifc_notify_ctx *ctx, uint32_t min_ns, uint32_t max_ns)
 {
-    if (ctx == NULL || ctx->epfd < 0)
+    if (ctx == NULL || ctx->epfd < 0 || (min_ns && max_ns < min_ns))
         return IFC_ERR_ARG;
-    if (poll_ns && ctx->timer_fd < 0) {
+    if (min_ns && ctx->timer_fd < 0) {
         ctx->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
         if (ctx->timer_fd < 0) {
             ctx->sys_errno = errno;
@@ -355,7 +396,12 @@ int ifc_notify_set_poll(struct ifc_notify_ctx *ctx, uint32_t poll_ns)
         if (rc != IFC_OK)
             return rc;
     }
-    ctx->poll_ns = poll_ns;
+    ctx->poll_min_ns = min_ns;
+    ctx->poll_max_ns = min_ns ? max_ns : 0;
+    /* Until a relay says otherwise, assume the device may complete silently. */
+    for (uint32_t qid = 0; qid < ctx->nqueues; qid++)
+        if (ctx->queues[qid].relay != NULL)
+            ctx->queues[qid].poll_ns = min_ns;
     return IFC_OK;
 }
 
@@ -364,6 +410,6 @@ int ifc_notify_poll(struct ifc_notify_ctx *ctx, struct ifc_notify_event *out, ui
     if (ctx == NULL || (max_out && out == NULL))
         return IFC_ERR_ARG;
     struct out o = {.ev = out, .n = 0, .max = max_out};
-    poll_all(ctx, &o);
+    poll_due(ctx, &o);
     return (int)o.n;
 }

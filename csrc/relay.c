@@ -314,6 +314,75 @@ static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx)
     return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
 }
 
+/* Copy the device's used->flags and (EVENT_IDX) avail_event to the guest
+ * ring; 1 if either changed.  They steer the guest's kicks, and the device
+ * moves them without completing anything (an RX queue that ran dry asks to
+ * be kicked at the next buffer), so they must not wait for a used entry. */
+static int mirror_header(const struct ifc_relay_queue *q, const uint8_t *m_used)
+{
+    uint8_t *used = q->used;
+    int changed = 0;
+    uint16_t flags = __atomic_load_n((const uint16_t *)m_used, __ATOMIC_RELAXED);
+    if (__atomic_load_n((uint16_t *)used, __ATOMIC_RELAXED) != flags) {
+        __atomic_store_n((uint16_t *)used, flags, __ATOMIC_RELAXED);
+        changed = 1;
+    }
+    if (q->cfg.flags & IFC_RELAY_F_EVENT_IDX) {
+        const size_t off = USED_RING_OFF + 8u * q->cfg.size;
+        uint16_t event = __atomic_load_n((const uint16_t *)(m_used + off), __ATOMIC_RELAXED);
+        if (__atomic_load_n((uint16_t *)(used + off), __ATOMIC_RELAXED) != event) {
+            __atomic_store_n((uint16_t *)(used + off), event, __ATOMIC_RELAXED);
+            changed = 1;
+        }
+    }
+    return changed;
+}
+
+/* Whether the relay must look again without an interrupt (IFC_RELAY_POLL_*).
+ * The device reads used_event (or avail->flags) from the *guest's* avail
+ * ring, which the guest sets from what the relay showed it, not from what
+ * the device wrote to the mediated ring.  The device interrupts for its
+ * next entries only if used_event lies among the buffers it holds, i.e. in
+ * [m_idx, avail->idx); otherwise it completes them silently.  Read the
+ * guest side first, then the device's index: an entry completed after that
+ * read decides with a used_event at least as new as the one read here. */
+static uint8_t poll_advice(const struct ifc_relay_queue *q, const uint8_t *m_used, uint16_t last,
+                           uint8_t *more)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    const uint8_t *avail = q->avail;
+    const uint32_t size = q->cfg.size;
+    uint16_t avail_idx = __atomic_load_n((const uint16_t *)(avail + 2), __ATOMIC_RELAXED);
+    int armed;
+    uint16_t m_idx;
+    if (q->cfg.flags & IFC_RELAY_F_EVENT_IDX) {
+        uint16_t used_event = __atomic_load_n((const uint16_t *)(avail + AVAIL_RING_OFF + 2u * size),
+                                              __ATOMIC_RELAXED);
+        m_idx = __atomic_load_n((const uint16_t *)(m_used + 2), __ATOMIC_ACQUIRE);
+        armed = (uint16_t)(used_event - m_idx) < (uint16_t)(avail_idx - m_idx);
+    } else {
+        uint16_t aflags = __atomic_load_n((const uint16_t *)avail, __ATOMIC_RELAXED);
+        m_idx = __atomic_load_n((const uint16_t *)(m_used + 2), __ATOMIC_ACQUIRE);
+        armed = !(aflags & IFC_VRING_AVAIL_F_NO_INTERRUPT);
+    }
+    *more = m_idx != last;
+    uint16_t held = (uint16_t)(avail_idx - m_idx);
+    if (*more)
+        return IFC_RELAY_POLL_FAST;
+    if (held == 0 || held > size)
+        return IFC_RELAY_POLL_NONE;   /* nothing to complete (or a guest index no device accepts) */
+    return armed ? IFC_RELAY_POLL_SLOW : IFC_RELAY_POLL_FAST;
+}
+
+static void log_used_header(const struct ifc_relay_queue *q)
+{
+    uint8_t *log = q->cfg.log;
+    uint64_t base = q->cfg.used_log_gpa;
+    log_bytes(log, base, USED_RING_OFF);
+    if (q->cfg.flags & IFC_RELAY_F_EVENT_IDX)
+        log_bytes(log, base + USED_RING_OFF + 8ull * q->cfg.size, 2);
+}
+
 static int relay_locked(struct ifc_relay_queue *q, uint32_t max_entries, struct ifc_relay_result *res)
 {
     const uint32_t size = q->cfg.size, mask = size - 1;
@@ -394,14 +463,7 @@ static int relay_locked(struct ifc_relay_queue *q, uint32_t max_entries, struct 
         memcpy(used + USED_RING_OFF + 8u * slot0, m_used + USED_RING_OFF + 8u * slot0, 8u * first);
         if (second)
             memcpy(used + USED_RING_OFF, m_used + USED_RING_OFF, 8u * second);
-        uint16_t flags = __atomic_load_n((uint16_t *)m_used, __ATOMIC_RELAXED);
-        __atomic_store_n((uint16_t *)used, flags, __ATOMIC_RELAXED);
-        if (q->cfg.flags & IFC_RELAY_F_EVENT_IDX) {
-            uint16_t *m_avail_event = (uint16_t *)(m_used + USED_RING_OFF + 8u * size);
-            uint16_t *avail_event = (uint16_t *)(used + USED_RING_OFF + 8u * size);
-            __atomic_store_n(avail_event, __atomic_load_n(m_avail_event, __ATOMIC_RELAXED),
-                             __ATOMIC_RELAXED);
-        }
+        mirror_header(q, m_used);
         /* Elements and flags before the index the guest polls. */
         __atomic_store_n((uint16_t *)(used + 2), new_idx, __ATOMIC_RELEASE);
         if (log != NULL && (q->cfg.flags & IFC_RELAY_F_LOG_USED)) {
@@ -428,11 +490,14 @@ static int relay_locked(struct ifc_relay_queue *q, uint32_t max_entries, struct 
         q->last = new_idx;
         q->relayed += count;
         q->calls++;
+    } else if (mirror_header(q, m_used) && q->cfg.log != NULL && (q->cfg.flags & IFC_RELAY_F_LOG_USED)) {
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        log_used_header(q);
     }
     res->rc = (int32_t)count;
     res->count = count;
     res->new_idx = new_idx;
-    res->more = __atomic_load_n((uint16_t *)(m_used + 2), __ATOMIC_ACQUIRE) != new_idx;
+    res->poll = poll_advice(q, m_used, new_idx, &res->more);
     return (int)count;
 }
 

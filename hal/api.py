@@ -78,6 +78,15 @@ class Poller(Protocol):
 
     def stop(self) -> None: ...
 
+    def next_poll_ns(self) -> int:
+        """Work that no fd announces: call ``poll()`` this long from now (0: none).
+
+        ``run()`` keeps its own timer for it; a HAL that drives ``step()``
+        (the simulator) asks after every step and poll."""
+
+    def poll(self) -> Sequence[int]:
+        """The work ``next_poll_ns`` asked for; return the eventfds it signalled."""
+
 
 class Clock(abc.ABC):
     """Time as the driver sees it.  Nanoseconds, monotonic."""

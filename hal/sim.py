@@ -199,7 +199,7 @@ class _PollerRun:
         self.poller = poller
         self.fds = list(poller.fds())
         self.scheduled = False
-        self.polling = False
+        self.poll_at: int | None = None
         self.stopped = False
 
     def start(self) -> None:
@@ -230,18 +230,22 @@ class _PollerRun:
         self._maybe_poll()
 
     def _maybe_poll(self) -> None:
-        """Follow-up polls a poller asks for (the relay's), at modelled times."""
-        due = getattr(self.poller, "poll_due", None)
-        if due is not None and due() and not self.polling:
-            self.polling = True
-            self.fn.world.process(self._poll())
-
-    def _poll(self):
-        world = self.fn.world
-        yield world.timeout(world.cycles(self.poller.poll_ns))
-        self.polling = False
-        if self.stopped:
+        """Polls a poller asks for without an fd (the relay's adaptive polls),
+        at modelled times: a poll wanted sooner than the one pending replaces it."""
+        delay = self.poller.next_poll_ns()
+        if not delay:
             return
+        world = self.fn.world
+        at = world.now + world.cycles(delay)
+        if self.poll_at is not None and self.poll_at <= at:
+            return
+        self.poll_at = at
+        world.call_at(at, lambda _ev, at=at: self._poll(at))
+
+    def _poll(self, at: int) -> None:
+        if self.stopped or self.poll_at != at:
+            return          # stopped, or replaced by a sooner poll
+        self.poll_at = None
         if self.poller.poll():
-            world.wake_readable()
+            self.fn.world.wake_readable()
         self._maybe_poll()

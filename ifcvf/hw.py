@@ -305,8 +305,12 @@ class IfcvfHw:
                           f"(device_status still {self.status():#04x})") from None
 
     # --- start -------------------------------------------------------------------
-    def start(self, wanted_features: int, queues: list[QueueConfig], *, mq_pairs: int | None = None) -> int:
+    def start(self, wanted_features: int, queues: list[QueueConfig], *, mq_pairs: int | None = None,
+              log: tuple[int, int] | None = None) -> int:
         """Bring the device to DRIVER_OK with ``queues`` running; returns the features written.
+
+        ``log`` (IOVA, size): dirty logging is on before any queue is enabled,
+        so the device writes nothing that goes unlogged.
 
         The features written are ``wanted & offered``, plus ACCESS_PLATFORM when
         the device offers it: our DMA always goes through the IOMMU, and a
@@ -332,6 +336,8 @@ class IfcvfHw:
         if self.lm is not None:
             pairs = mq_pairs if mq_pairs is not None else (len(queues) + 1) // 2
             self.lm.write32(ids.LM_MQ, pairs)
+        if log is not None:
+            self.enable_logging(*log)
         for q in queues:
             self.enable_queue(q)
         self._add_status(Status.DRIVER_OK)
@@ -387,8 +393,11 @@ class IfcvfHw:
         c = self.common
         c.write16(Common.QUEUE_SELECT, index)
         c.write16(Common.QUEUE_ENABLE, 0)
+        state = self._await_stopped(index)
+        # Only now: the entries the stop drain completes still interrupt.
+        c.write16(Common.QUEUE_SELECT, index)
         c.write16(Common.QUEUE_MSIX_VECTOR, ids.NO_VECTOR)
-        return self._await_stopped(index)
+        return state
 
     def _await_stopped(self, index: int) -> RingState:
         c = self.common

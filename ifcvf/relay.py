@@ -361,6 +361,7 @@ class QueueStats:
     interrupts: int
     relayed: int
     signals: int
+    polls: int        # relays without an interrupt (adaptive polls)
     broken: RelayError | None
 
 
@@ -379,12 +380,16 @@ class NotifyRelay:
 
     EVENTS = 64 * lib.IFC_NOTIFY_EVENTS_PER_FD
 
-    def __init__(self, name: str, queues: Sequence[NotifyQueue], *, poll_ns: int = 0):
+    def __init__(self, name: str, queues: Sequence[NotifyQueue], *, poll_min_ns: int = 0,
+                 poll_max_ns: int = 0):
         self.name = name
-        #: Follow-up poll after a relay that moved entries (see ifc_notify_set_poll):
-        #: the device's interrupts alone can stop once it is past the guest's used_event.
-        self.poll_ns = poll_ns
-        self._relayed_now = 0
+        #: Adaptive polls of the relayed queues (see ifc_notify_set_poll): a device
+        #: completes entries without interrupting whenever the guest's used_event
+        #: is behind it, so the relay cannot wait for interrupts alone.
+        if not 0 <= poll_min_ns <= max(poll_max_ns, poll_min_ns) < 1 << 32:
+            raise ValueError(f"poll periods {poll_min_ns}..{poll_max_ns} ns are not 32-bit")
+        self.poll_min_ns = poll_min_ns
+        self.poll_max_ns = max(poll_max_ns, poll_min_ns)
         self.specs = {q.qid: q for q in queues}
         if len(self.specs) != len(queues):
             raise ValueError("two NotifyQueue entries share a queue index")
@@ -419,8 +424,8 @@ class NotifyRelay:
         if rc != lib.IFC_OK:
             raise OSError(self._ctx.sys_errno, f"notify relay {name}: ifc_notify_init failed "
                           f"({ERROR_NAMES.get(rc, rc)})")
-        if poll_ns and any(q.relay is not None for q in queues):
-            rc = lib.ifc_notify_set_poll(self._ctx, poll_ns)
+        if poll_min_ns and any(q.relay is not None for q in queues):
+            rc = lib.ifc_notify_set_poll(self._ctx, self.poll_min_ns, self.poll_max_ns)
             if rc != lib.IFC_OK:
                 lib.ifc_notify_close(self._ctx)
                 raise OSError(self._ctx.sys_errno, f"notify relay {name}: no poll timer "
@@ -447,12 +452,15 @@ class NotifyRelay:
                           f"({ERROR_NAMES.get(n, n)})")
         return self._consume(self._events, n)
 
-    def poll_due(self) -> bool:
-        """The last step or poll relayed entries: poll again ``poll_ns`` later (simulator)."""
-        return bool(self.poll_ns) and self._relayed_now > 0
+    def next_poll_ns(self) -> int:
+        """How soon a relayed queue wants polling without an interrupt (0: none).
+
+        The simulator calls poll() that much later in modelled time; run()
+        does the same on a timerfd."""
+        return lib.ifc_notify_next_poll(self._ctx)
 
     def poll(self) -> list[int]:
-        """Relay every relayed queue now (the follow-up poll, at a modelled time)."""
+        """Relay every queue that asked for a poll, now; the eventfds written."""
         n = lib.ifc_notify_poll(self._ctx, self._events, self.EVENTS)
         if n < 0:
             raise OSError(self._ctx.sys_errno, f"notify relay {self.name}: poll failed")
@@ -540,16 +548,13 @@ class NotifyRelay:
 
     def stats(self, qid: int) -> QueueStats:
         cq = self._queues[qid]
-        return QueueStats(cq.kicks, cq.interrupts, cq.relayed, cq.signals, self.broken(qid))
+        return QueueStats(cq.kicks, cq.interrupts, cq.relayed, cq.signals, cq.polls, self.broken(qid))
 
     def _consume(self, events, n: int) -> list[int]:
         signalled: list[int] = []
-        relayed = 0
         for i in range(n):
             ev = events[i]
             kind = ev.kind
-            if kind == lib.IFC_NOTIFY_EV_RELAY:
-                relayed += ev.count
             if kind == lib.IFC_NOTIFY_EV_KICK_FORWARD:
                 self._forward[ev.qid](ev.qid)
             elif kind in (lib.IFC_NOTIFY_EV_SIGNAL, lib.IFC_NOTIFY_EV_REARM):
@@ -558,8 +563,6 @@ class NotifyRelay:
             elif kind == lib.IFC_NOTIFY_EV_BROKEN:
                 error = self.broken(ev.qid)
                 log.error("%s: vring %d: relay stopped: %s", self.name, ev.qid, error)
-        if events is self._events:  # step/poll, not a catch-up
-            self._relayed_now = relayed
         return signalled
 
     def close(self) -> None:

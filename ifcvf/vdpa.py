@@ -59,11 +59,15 @@ EXTRA_FEATURES = (ids.bit(ids.Feature.NET_GUEST_ANNOUNCE) | ids.bit(ids.Feature.
 # Bits that mean something to vhost-user only, never to the VF.
 VHOST_ONLY = ids.bit(ids.Feature.LOG_ALL) | ids.bit(ids.Feature.PROTOCOL_FEATURES)
 USED_RING_HEADER = 4  # flags + idx before the used elements
-# While the software relay interposes, it relays again this long after any
-# relay that moved entries: with EVENT_IDX the VF reads used_event from the
-# guest's avail ring, which the guest sets from what the relay published, so
-# once the VF is past it no interrupt would come (see ifc_notify_set_poll).
-RELAY_POLL_NS = 20_000
+NOTIFY_PAGE = 4096    # what QEMU maps for a host notifier
+# While the software relay interposes it also polls, adaptively: the VF reads
+# used_event from the guest's avail ring, which the guest sets from what the
+# relay showed it, so the VF completes entries silently whenever the guest's
+# value is behind it (see ifc_notify_set_poll).  20 us while that may be so,
+# backing off to 1 ms while the VF will interrupt anyway, none while it holds
+# no buffer.
+RELAY_POLL_MIN_NS = 20_000
+RELAY_POLL_MAX_NS = 1_000_000
 
 
 class ProbeError(Exception):
@@ -139,6 +143,12 @@ class ConfigWatcher:
         self.on_change()
         return []
 
+    def next_poll_ns(self) -> int:
+        return 0     # every config change comes with an interrupt
+
+    def poll(self) -> list[int]:
+        return []
+
     def run(self) -> None:
         while True:
             ready, _, _ = select.select([self.fd, self._stop_r], [], [])
@@ -178,6 +188,10 @@ class Running:
     notify_offsets: dict[int, int] = field(default_factory=dict)
     log_mapping: tuple[int, int] | None = None
     sw: SwRelay | None = None
+    #: Why the VF is stopped while the guest runs (no usable dirty log while
+    #: LOG_ALL is set), with the ring states it stopped at; None: not paused.
+    paused: str | None = None
+    paused_states: dict[int, RingState] = field(default_factory=dict)
 
 
 class VdpaDevice:
@@ -242,6 +256,8 @@ class VdpaDevice:
     def mode(self) -> str:
         if self.running is None:
             return "stopped"
+        if self.running.paused is not None:
+            return "paused"
         return "sw-relay" if self.running.sw else ("hw-logging" if self.logging else "direct")
 
     def broken_vrings(self) -> dict[int, str]:
@@ -290,12 +306,18 @@ class VdpaDevice:
         self.fn.start_poller(run.config_watch)
         run.queues = {v.index: self._queue_config(v) for v in self._vrings(run) if v.enabled}
         run.notify_offsets = {q: self.hw.notify_offset(q) for q in range(self.max_vrings)}
-        if dev.features & ids.bit(ids.Feature.LOG_ALL) and self.devargs.sw_live_migration:
+        if dev.features & ids.bit(ids.Feature.LOG_ALL) and dev.log_area() is None:
+            # Nothing may be written that the log cannot show: start stopped.
+            run.paused_states = {q: RingState(c.last_used, c.last_used, c.last_avail)
+                                 for q, c in run.queues.items()}
+            run.paused = "LOG_ALL without a usable dirty log"
+            self._route_msix(run)
+            log.error("%s: VF left stopped: %s", self.name, run.paused)
+        elif dev.features & ids.bit(ids.Feature.LOG_ALL) and self.devargs.sw_live_migration:
             self._start_sw(run, {})
         else:
-            self._start_direct(run)
-            if dev.features & ids.bit(ids.Feature.LOG_ALL):
-                self._enable_logging(run)
+            # With LOG_ALL the log is on before DRIVER_OK: no DMA goes unlogged.
+            self._start_direct(run, logged=bool(dev.features & ids.bit(ids.Feature.LOG_ALL)))
         log.info("%s: datapath up (%s), vrings %s", self.name, self.mode, sorted(run.queues))
 
     def _queue_config(self, v: Vring, last: RingState | None = None) -> QueueConfig:
@@ -346,7 +368,8 @@ class VdpaDevice:
                 v.index, kick_fd=v.kick_fd if v.kick_fd >= 0 else None, doorbell=self._doorbell(run, v.index),
                 relay=relay, intr_fd=run.sw.intr_fds.get(v.index) if relay else None,
                 call_fd=v.call_fd if relay and v.call_fd >= 0 else None))
-        run.relay = NotifyRelay(self.name, specs, poll_ns=RELAY_POLL_NS)
+        run.relay = NotifyRelay(self.name, specs, poll_min_ns=RELAY_POLL_MIN_NS,
+                                poll_max_ns=RELAY_POLL_MAX_NS)
         self.fn.start_poller(run.relay)
 
     def _stop_relay(self, run: Running) -> None:
@@ -355,12 +378,20 @@ class VdpaDevice:
             run.relay.close()
             run.relay = None
 
-    def _start_direct(self, run: Running, states: dict[int, RingState] | None = None) -> None:
+    def _start_direct(self, run: Running, states: dict[int, RingState] | None = None, *,
+                      logged: bool = False) -> None:
         self._route_msix(run)
         configs = [self._queue_config(v, (states or {}).get(v.index))
                    for v in self._vrings(run) if v.index in run.queues]
         run.queues = {c.index: c for c in configs}
-        self.hw.start(run.dev.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run))
+        log_range = self._map_log(run) if logged else None
+        try:
+            self.hw.start(run.dev.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run),
+                          log=log_range)
+        except (HwError, HalError):
+            self._unmap_log(run)
+            raise
+        self.logging = log_range is not None
         self._start_relay(run)
 
     def dev_close(self) -> None:
@@ -391,8 +422,11 @@ class VdpaDevice:
             self.fn.stop_poller(run.config_watch)
             run.config_watch.close()
             run.config_watch = None
-        logged = self.logging or run.sw is not None
-        states = self._stop_hw(run)
+        logged = self.logging or run.sw is not None or run.paused is not None
+        if run.paused is not None:
+            states, run.paused = run.paused_states, None
+        else:
+            states = self._stop_hw(run)
         if run.sw is not None:
             states = self._stop_sw(run, states)
         if save_state:
@@ -450,8 +484,7 @@ class VdpaDevice:
         configs = list(run.queues.values())
         self.hw.start(run.dev.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run))
         self._start_relay(run)
-        for q in run.sw.queues:  # entries completed before the relay watched: relay them now
-            self.fn.eventfds_written(run.relay.catch_up(q).signalled)
+        self._wake_guest(run, sorted(run.sw.queues))
         for q in run.queues:  # and make the VF look at every ring again
             self.hw.kick(q, run.notify_offsets[q])
 
@@ -503,6 +536,16 @@ class VdpaDevice:
                     signalled.append(vrings[q].call_fd)
             used = relay.last_idx
             states[q] = RingState(used, used, states[q].hw_avail if q in states else used)
+        self._release_sw(sw)
+        self.fn.eventfds_written(signalled)
+        # The relayed queues run on the guest's own used rings from now on.
+        for q in sw.queues:
+            v = next(v for v in self._vrings(run) if v.index == q)
+            run.queues[q] = self._queue_config(v, states[q])
+        return states
+
+    def _release_sw(self, sw: SwRelay) -> None:
+        """Unmap and free what _build_sw made (all of it, or as far as it got)."""
         for q, (iova, size) in sw.iovas.items():
             try:
                 self.fn.dma_unmap(iova, size)
@@ -514,12 +557,25 @@ class VdpaDevice:
             ring.close()
         for fd in sw.intr_fds.values():
             os.close(fd)
-        self.fn.eventfds_written(signalled)
-        # The relayed queues run on the guest's own used rings from now on.
-        for q in sw.queues:
-            v = next(v for v in self._vrings(run) if v.index == q)
-            run.queues[q] = self._queue_config(v, states[q])
-        return states
+
+    def _wake_guest(self, run: Running, queues: list[int]) -> None:
+        """After the relay took over (or handed back) these queues: relay what is
+        pending and signal each guest once, whatever its used_event says.
+
+        The VF's entries of the stop drain and the relay's first ones may sit
+        behind a used_event the guest will not move until it is told (Linux
+        leaves it at 0 while it polls), so a guest left waiting would wait
+        forever.  One spurious interrupt per switch is harmless (Linux
+        tolerates 99,900 unhandled in 100,000); DPDK's relay does the same."""
+        written: list[int] = []
+        for q in queues:
+            if run.relay is not None and run.sw is not None and q in run.sw.queues:
+                written += run.relay.catch_up(q).signalled
+            call_fd = next((v.call_fd for v in self._vrings(run) if v.index == q), -1)
+            if call_fd >= 0 and call_fd not in written:
+                os.eventfd_write(call_fd, 1)
+                written.append(call_fd)
+        self.fn.eventfds_written(written)
 
     def _switch(self, run: Running, to_sw: bool) -> None:
         """Between direct and relayed operation while the guest runs.
@@ -538,12 +594,26 @@ class VdpaDevice:
                 if run.sw is not None:
                     states = self._stop_sw(run, states)
                 if to_sw:
-                    self._start_sw(run, states)
+                    try:
+                        self._start_sw(run, states)
+                    except (HwError, HalError, RelayError, VdpaError, OSError, ValueError):
+                        self._abandon_sw(run)
+                        self._start_direct(run, states)
+                        raise
                 else:
                     self._start_direct(run, states)
-        except (HwError, HalError, RelayError, OSError, ValueError) as err:
+        except (HwError, HalError, RelayError, VdpaError, OSError, ValueError) as err:
             raise VdpaError(f"{self.name}: switching to {'software relay' if to_sw else 'direct mode'} "
                             f"failed: {err}") from None
+
+    def _abandon_sw(self, run: Running) -> None:
+        """A switch to the relay failed part-way: drop what it built, and point
+        the RX queues back at the guest's own rings."""
+        sw, run.sw = run.sw, None
+        self._stop_relay(run)
+        if sw is None:
+            return
+        self._release_sw(sw)
 
     def _switch_rx_queues(self, run: Running, to_sw: bool) -> None:
         rx = [q for q in sorted(run.queues) if q % 2 == 0]
@@ -551,18 +621,31 @@ class VdpaDevice:
         if run.sw is not None:
             states = self._stop_sw(run, states)
         vrings = {v.index: v for v in self._vrings(run)}
-        if to_sw:
+        direct = {q: self._queue_config(vrings[q], states[q]) for q in rx}
+        if not to_sw:
+            run.queues.update(direct)
+            self._resume_rx(run, rx)
+            return
+        try:
             self._build_sw(run, {q: vrings[q] for q in rx}, states)
-        else:
+            self._resume_rx(run, rx)
+        except (HwError, HalError, RelayError, VdpaError, OSError, ValueError):
+            # Back to direct mode exactly as it was: the guest's own rings, from
+            # where the stop left them, its own vectors, and no relay remains.
+            self._abandon_sw(run)
             for q in rx:
-                run.queues[q] = self._queue_config(vrings[q], states[q])
+                self.hw.stop_queue(q)
+            run.queues.update(direct)
+            self._resume_rx(run, rx)
+            raise
+
+    def _resume_rx(self, run: Running, rx: list[int]) -> None:
+        """Restart the stopped RX queues as run.queues says, relay, wake the guest."""
         self._route_msix(run)
         for q in rx:
             self.hw.enable_queue(run.queues[q])
         self._start_relay(run)
-        if run.sw is not None:
-            for q in run.sw.queues:
-                self.fn.eventfds_written(run.relay.catch_up(q).signalled)
+        self._wake_guest(run, rx)
         for q in rx:
             self.hw.kick(q, run.notify_offsets[q])
 
@@ -591,8 +674,13 @@ class VdpaDevice:
         if not self.hw.has_stop_command:
             raise VdpaError(f"{self.name}: the function cannot start or stop single queues "
                             "(no IFCVF stop command); re-negotiate instead")
-        if run.sw is not None:
-            raise VdpaError(f"{self.name}: queues cannot change while the software relay interposes")
+        if run.sw is not None or run.paused is not None:
+            # Accepted, and applied when the relay hands back or the VF restarts
+            # (_reconcile_vrings): refusing would leave the front-end's view and
+            # ours apart for good.
+            log.info("%s: vring %d %s once the %s", self.name, index, "starts" if enable else "stops",
+                     "software relay hands back" if run.sw is not None else "VF restarts")
+            return
         try:
             if enable:
                 vring = next((v for v in self._vrings(run) if v.index == index), None)
@@ -615,42 +703,119 @@ class VdpaDevice:
 
     def set_features(self, features: int) -> None:
         """Called for every SET_FEATURES, before it takes effect: LOG_ALL on or off
-        changes the migration mode.  On failure nothing has changed."""
+        changes the migration mode.
+
+        Turning logging on never fails towards QEMU, which aborts the VM when
+        LOG_ALL is refused at migration start: if logging cannot be had (no
+        usable log, a mapping or a switch that fails), the VF is stopped
+        instead, so that nothing it could write escapes the log, and restarts
+        when a usable log comes or LOG_ALL is cleared.  Turning it off that
+        fails raises VdpaError with nothing changed."""
         run = self.running
         want = bool(features & ids.bit(ids.Feature.LOG_ALL))
         if run is None:
             return
-        if self.devargs.sw_live_migration:
-            if want != (run.sw is not None):
-                self._switch(run, to_sw=want)
-                log.info("%s: %s", self.name, "software relay on" if want else "back to direct mode")
+        if run.paused is not None:
+            if not want or run.dev.log_area() is not None:
+                self._resume(run, logged=want)
             return
-        if want == self.logging:
-            return
-        if want:
-            self._enable_logging(run)
-        else:
-            self._disable_logging(run)
+        try:
+            if self.devargs.sw_live_migration:
+                if want != (run.sw is not None):
+                    self._switch(run, to_sw=want)
+                    log.info("%s: %s", self.name, "software relay on" if want else "back to direct mode")
+                    if not want:
+                        self._reconcile_vrings(run)
+            elif want and not self.logging:
+                self._enable_logging(run)
+            elif not want and self.logging:
+                self._disable_logging(run)
+        except VdpaError as err:
+            if not want:
+                raise
+            self._pause(run, f"dirty logging could not start: {err}")
 
     def log_base_changed(self) -> None:
-        """A new SET_LOG_BASE while logging: move the hardware (or the relay) to the new log."""
+        """A new SET_LOG_BASE: move the hardware (or the relay) to the new log, or
+        restart a VF that was stopped for want of one.  Logging that cannot
+        move stops the VF (QEMU reads only the new log from now on)."""
         run = self.running
         if run is None:
             return
+        if run.paused is not None:
+            if run.dev.features & ids.bit(ids.Feature.LOG_ALL) and run.dev.log_area() is not None:
+                self._resume(run, logged=True)
+            return
+        try:
+            if run.sw is not None:
+                area = run.dev.log_area()
+                for q, relay in run.sw.queues.items():
+                    vring = next(v for v in self._vrings(run) if v.index == q)
+                    try:
+                        relay.set_log(area.log, vring.log_gpa)
+                    except RelayError as err:
+                        raise VdpaError(f"vring {q}: new log refused: {err}") from None
+            elif self.logging:
+                self._disable_logging(run)
+                self._enable_logging(run)
+        except VdpaError as err:
+            self._pause(run, f"logging could not move to the new log: {err}")
+
+    def log_unusable(self, reason: str) -> None:
+        """SET_LOG_BASE was refused while the VF may be logging: QEMU reads only
+        the log it just sent, so the VF must not write guest memory until a
+        usable one comes."""
+        run = self.running
+        if run is None or run.paused is not None:
+            return
+        if self.logging or run.sw is not None:
+            self._pause(run, f"the new dirty log is unusable: {reason}")
+
+    # --- stopped for want of a log --------------------------------------------------
+    def _pause(self, run: Running, reason: str) -> None:
+        """Stop the VF with every ring state saved; the guest loses its network,
+        never a dirty page."""
+        self._stop_relay(run)
+        states = self._stop_hw(run)
         if run.sw is not None:
-            area = run.dev.log_area()
-            for q, relay in run.sw.queues.items():
-                vring = next(v for v in self._vrings(run) if v.index == q)
+            states = self._stop_sw(run, states)
+        self._disable_logging(run)
+        run.paused_states = states
+        run.paused = reason
+        log.error("%s: VF stopped until a usable dirty log comes or LOG_ALL is cleared: %s",
+                  self.name, reason)
+
+    def _resume(self, run: Running, *, logged: bool) -> None:
+        states, reason = run.paused_states, run.paused
+        run.paused, run.paused_states = None, {}
+        try:
+            if logged and self.devargs.sw_live_migration:
+                self._start_sw(run, states)
+            else:
+                self._start_direct(run, states, logged=logged)
+        except (HwError, HalError, RelayError, VdpaError, OSError, ValueError) as err:
+            if run.sw is not None:
+                self._abandon_sw(run)
+            run.paused, run.paused_states = f"{reason}; restart failed: {err}", states
+            log.error("%s: VF stays stopped: %s", self.name, run.paused)
+            return
+        self._wake_guest(run, sorted(run.queues))
+        log.info("%s: VF restarted (%s) after: %s", self.name, self.mode, reason)
+        if run.sw is None:
+            self._reconcile_vrings(run)
+
+    def _reconcile_vrings(self, run: Running) -> None:
+        """Start or stop the vrings whose SET_VRING_ENABLE came while they could not change."""
+        for v in self._vrings(run):
+            if v.enabled != (v.index in run.queues):
                 try:
-                    relay.set_log(area.log, vring.log_gpa)
-                except RelayError as err:
-                    raise VdpaError(f"{self.name}: vring {q}: new log refused: {err}") from None
-        elif self.logging:
-            self._disable_logging(run)
-            self._enable_logging(run)
+                    self.set_vring_state(v.index, v.enabled)
+                except VdpaError as err:
+                    log.error("%s: vring %d: %s", self.name, v.index, err)
 
     # --- hardware dirty logging --------------------------------------------------------
-    def _enable_logging(self, run: Running) -> None:
+    def _map_log(self, run: Running) -> tuple[int, int]:
+        """DMA-map the log in whole pages; the (IOVA, size) of the log bytes for the VF."""
         area = run.dev.log_area()
         if area is None:
             raise VdpaError(f"{self.name}: LOG_ALL without a log (SET_LOG_BASE never came)")
@@ -663,29 +828,53 @@ class VdpaDevice:
         except HalError as err:
             raise VdpaError(f"{self.name}: cannot map the dirty log: {err}") from None
         run.log_mapping = (iova, length)
-        try:
-            self.hw.enable_logging(iova + area.offset - start, area.size)
-        except (HwError, HalError) as err:
-            self.fn.dma_unmap(*run.log_mapping)
+        return iova + area.offset - start, area.size
+
+    def _unmap_log(self, run: Running) -> None:
+        if run.log_mapping:
+            try:
+                self.fn.dma_unmap(*run.log_mapping)
+            except HalError as err:
+                log.error("%s: unmapping the dirty log: %s", self.name, err)
             run.log_mapping = None
+
+    def _enable_logging(self, run: Running) -> None:
+        iova, size = self._map_log(run)
+        try:
+            self.hw.enable_logging(iova, size)
+        except (HwError, HalError) as err:
+            self._unmap_log(run)
             raise VdpaError(f"{self.name}: cannot enable hardware logging: {err}") from None
         self.logging = True
-        log.info("%s: hardware dirty logging on (%d bytes of log)", self.name, area.size)
+        log.info("%s: hardware dirty logging on (%d bytes of log)", self.name, size)
 
     def _disable_logging(self, run: Running) -> None:
         if self.logging:
-            self.hw.disable_logging()
-        if run.log_mapping:
-            self.fn.dma_unmap(*run.log_mapping)
-            run.log_mapping = None
+            try:
+                self.hw.disable_logging()
+            except (HwError, HalError) as err:
+                log.error("%s: disabling hardware logging: %s", self.name, err)
+        self._unmap_log(run)
         self.logging = False
 
     # --- host notifiers ----------------------------------------------------------------
     def get_notify_area(self, index: int):
+        """The doorbell page QEMU may map into the guest for vring ``index``, or None.
+
+        QEMU maps exactly the page it is given and places it at
+        queue_notify_off * multiplier in the guest's notify region, so the page
+        must hold this queue's doorbell alone, at its start: the doorbell page
+        aligned, and queues a page or more apart (or all on one register,
+        multiplier 0).  Anything else would send kicks to another queue's
+        doorbell; such VFs keep the eventfd kick relay."""
         run = self.running
         if run is None or index not in run.notify_offsets:
             return None
-        return self.fn.notify_area(self.hw.caps.notify.bar, run.notify_offsets[index])
+        offset = run.notify_offsets[index]
+        multiplier = self.hw.caps.notify_off_multiplier
+        if offset % NOTIFY_PAGE or (multiplier and multiplier < NOTIFY_PAGE):
+            return None
+        return self.fn.notify_area(self.hw.caps.notify.bar, offset)
 
     def close(self) -> None:
         self.dev_close()

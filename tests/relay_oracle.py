@@ -196,8 +196,30 @@ class OracleQueue:
         res = Result(count, count, last, new)
         if count:
             self._commit(last, count, new, pages, res)
+        elif self._mirror_header() and self.log is not None and self.log_used_gpa is not None:
+            self._log_used(self._header_bytes())
         res.more = int(u16(mbuf, self.m_used + 2) != new)
         return res
+
+    def _header_bytes(self):
+        """(offset, length) of used->flags+idx and, with EVENT_IDX, avail_event."""
+        return [(0, 4)] + ([(4 + 8 * self.size, 2)] if self.event_idx else [])
+
+    def _mirror_header(self):
+        """Guest used->flags and avail_event follow the mediated ones; True if either changed."""
+        ubuf, uoff = self.used
+        changed = False
+        for off in [0] + ([4 + 8 * self.size] if self.event_idx else []):
+            value = u16(self.mbuf, self.m_used + off)
+            if u16(ubuf, uoff + off) != value:
+                put16(ubuf, uoff + off, value)
+                changed = True
+        return changed
+
+    def _log_used(self, written):
+        base = self.log_used_gpa
+        for off, length in written:
+            set_pages(self.log, (base + off) >> PAGE_SHIFT, (base + off + length - 1) >> PAGE_SHIFT)
 
     def _walk(self, idx, buf, off, n_max, i, level, entry):
         count = 0
@@ -246,17 +268,11 @@ class OracleQueue:
             slot = (last + k) % size
             src = m_used + 4 + 8 * slot
             ubuf[uoff + 4 + 8 * slot:uoff + 12 + 8 * slot] = mbuf[src:src + 8]
-        put16(ubuf, uoff, u16(mbuf, m_used))                                 # flags
-        if self.event_idx:
-            put16(ubuf, uoff + 4 + 8 * size, u16(mbuf, m_used + 4 + 8 * size))  # avail_event
+        self._mirror_header()                                                # flags, avail_event
         put16(ubuf, uoff + 2, new)                                           # idx
         if log is not None and self.log_used_gpa is not None:
-            base = self.log_used_gpa
-            written = [(0, 4)] + [(4 + 8 * ((last + k) % size), 8) for k in range(count)]
-            if self.event_idx:
-                written.append((4 + 8 * size, 2))
-            for off, length in written:
-                set_pages(log, (base + off) >> PAGE_SHIFT, (base + off + length - 1) >> PAGE_SHIFT)
+            self._log_used(self._header_bytes()
+                           + [(4 + 8 * ((last + k) % size), 8) for k in range(count)])
         if self.event_idx:
             put16(mbuf, self.m_avail + 4 + 2 * size, new)                    # used_event
             used_event = u16(abuf, aoff + 4 + 2 * size)

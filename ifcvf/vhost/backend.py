@@ -326,8 +326,9 @@ class VhostBackend:
             raise Refused(f"features {extra:#x} were never offered")
         if self.configured and (features ^ self.features) & ~ids.bit(ids.Feature.LOG_ALL):
             raise Refused("only LOG_ALL may change while the VF runs")
-        if features >> p.F_LOG_ALL & 1 and self.log_mapping is None:
-            raise Refused("LOG_ALL without a dirty log (SET_LOG_BASE missing or refused)")
+        # LOG_ALL without a usable log is accepted: QEMU 7.2 aborts the VM when
+        # LOG_ALL is refused at migration start, so the driver stops the VF
+        # instead until a usable log comes (VdpaDevice.set_features).
         try:
             self.driver.set_features(features)  # changes nothing when it fails
         except VdpaError as err:

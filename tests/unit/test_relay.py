@@ -69,6 +69,24 @@ class Guest:
         self.write(self.AVAIL, struct.pack("<H", flags))
         self.write(self.AVAIL + 4 + 2 * self.size, struct.pack("<H", used_event))
 
+    def post(self, count: int) -> None:
+        """The guest makes ``count`` more buffers available (avail->idx only)."""
+        idx = struct.unpack("<H", self.read(self.AVAIL + 2, 2))[0]
+        self.write(self.AVAIL + 2, struct.pack("<H", (idx + count) & 0xFFFF))
+
+    def set_used_event(self, value: int) -> None:
+        self.write(self.AVAIL + 4 + 2 * self.size, struct.pack("<H", value & 0xFFFF))
+
+    def device_header(self, *, flags: int, avail_event: int) -> None:
+        """The device moves its used->flags and avail_event without completing anything."""
+        m = self.mediated
+        struct.pack_into("<H", m.memory.view, m.used_offset, flags)
+        struct.pack_into("<H", m.memory.view, m.used_offset + 4 + 8 * self.size, avail_event)
+
+    def guest_header(self) -> tuple[int, int]:
+        flags, _, _, avail_event = self.guest_used()
+        return flags, avail_event
+
     def device_used(self, *entries: tuple[int, int], flags: int = 0, avail_event: int = 0) -> None:
         m = self.mediated
         idx = m.used_idx

@@ -1,10 +1,11 @@
-"""The relay's follow-up poll: entries the VF completes without interrupting still reach the guest.
+"""The relay's adaptive polls: entries the VF completes without interrupting still reach the guest.
 
-With EVENT_IDX the VF reads used_event from the guest's avail ring, and the
-guest sets it from what the relay published: once the VF is past it, the VF
-stops interrupting.  After any relay that moved entries, the relay looks
-again ``poll_ns`` later, on a timer in its thread and at modelled times in
-the simulator (``poll_due`` / ``poll``).
+The VF reads used_event (or avail->flags) from the guest's avail ring, which
+the guest sets from what the relay showed it: whenever the guest's value is
+behind the VF, the VF completes entries silently.  Each relay says whether
+the VF will interrupt for its next entries (``IFC_RELAY_POLL_*``), and the
+notify relay polls accordingly: soon while the VF may complete silently,
+slowly while it will interrupt, not at all while it holds no buffer.
 """
 from __future__ import annotations
 
@@ -13,47 +14,109 @@ import os
 from ifcvf.relay import NotifyQueue, NotifyRelay
 from test_relay_notify import WAIT, Rig, readable, take
 
+MIN_NS, MAX_NS = 20_000, 1_000_000
 
-def relay_with_poll(rig: Rig, poll_ns: int) -> NotifyRelay:
+
+def relay_with_poll(rig: Rig, min_ns: int = MIN_NS, max_ns: int = MAX_NS, *,
+                    event_idx: bool = True) -> NotifyRelay:
     rig.relay.close()
+    rig.queue.close()
+    rig.queue = rig.guest.queue(event_idx=event_idx)
     rig.relay = NotifyRelay("poll", [NotifyQueue(0, kick_fd=rig.kick[0], doorbell=rig.doorbells[0],
                                                  relay=rig.queue, intr_fd=rig.intr, call_fd=rig.call)],
-                            poll_ns=poll_ns)
+                            poll_min_ns=min_ns, poll_max_ns=max_ns)
     return rig.relay
 
 
 def test_thread_relays_entries_that_came_without_an_interrupt():
     rig = Rig()
     try:
-        relay = relay_with_poll(rig, 200_000)
+        rig.guest.post(4)
+        relay = relay_with_poll(rig, 200_000, 400_000)
         relay.start()
         rig.guest.device_used((3, 100))
         os.eventfd_write(rig.intr, 1)
         assert readable(rig.call, WAIT) and take(rig.call) == 1
+        rig.guest.set_used_event(1)               # the guest consumed it and re-armed
         rig.guest.device_used((5, 200))           # no interrupt this time
-        assert readable(rig.call, WAIT), "the follow-up poll did not relay the second entry"
+        assert readable(rig.call, WAIT), "the poll did not relay the second entry"
         relay.stop(WAIT)
         assert rig.guest.guest_used()[1] == 2
-        assert relay.stats(0).interrupts == 1 and relay.stats(0).relayed == 2
+        stats = relay.stats(0)
+        assert stats.interrupts == 1 and stats.relayed == 2 and stats.polls >= 1
     finally:
         rig.close()
 
 
-def test_step_mode_asks_for_a_poll_only_after_moving_entries():
+def test_polls_fast_while_the_guest_used_event_is_behind_the_device():
     rig = Rig()
     try:
-        relay = relay_with_poll(rig, 50_000)
-        assert relay.step() == [] and not relay.poll_due()
+        rig.guest.post(8)
+        relay = relay_with_poll(rig)
+        assert relay.next_poll_ns() == MIN_NS     # nothing known yet: look soon
+        rig.guest.set_used_event(0)
         rig.guest.device_used((1, 64))
         os.eventfd_write(rig.intr, 1)
         relay.step()
-        assert relay.poll_due()
+        # The guest asked for an interrupt at 0; the VF is at 1 with 7 buffers
+        # left, so it would never interrupt again: poll soon.
+        assert relay.next_poll_ns() == MIN_NS
         rig.guest.device_used((2, 64))            # completed silently
-        relay.step()
-        assert rig.guest.guest_used()[1] == 1    # a step without an interrupt relays nothing
-        assert rig.call in relay.poll()           # the poll does, and signals the guest
-        assert rig.guest.guest_used()[1] == 2 and relay.poll_due()
+        assert rig.call in relay.poll() or rig.guest.guest_used()[1] == 2
+        assert rig.guest.guest_used()[1] == 2
+        relay.poll()                              # nothing new: back off
+        assert relay.next_poll_ns() == 2 * MIN_NS
         relay.poll()
-        assert not relay.poll_due()               # nothing moved: polling stops
+        assert relay.next_poll_ns() == 4 * MIN_NS
+    finally:
+        rig.close()
+
+
+def test_polls_slowly_once_the_device_will_interrupt_and_not_when_it_holds_nothing():
+    rig = Rig()
+    try:
+        rig.guest.post(4)
+        relay = relay_with_poll(rig)
+        rig.guest.device_used((1, 64))
+        os.eventfd_write(rig.intr, 1)
+        rig.guest.set_used_event(1)               # the guest consumed it and re-armed
+        relay.step()
+        assert relay.next_poll_ns() == MAX_NS     # the VF interrupts at its next entry
+        for i in range(2, 5):                     # the VF uses every buffer it holds
+            rig.guest.device_used((i, 64))
+        relay.poll()
+        assert rig.guest.guest_used()[1] == 4
+        assert relay.next_poll_ns() == 0          # holds no buffer: nothing to poll for
+        rig.guest.post(2)
+        os.eventfd_write(rig.kick[0], 1)          # new buffers and a kick: look again
+        relay.step()
+        assert relay.next_poll_ns() == MIN_NS
+    finally:
+        rig.close()
+
+
+def test_used_flags_and_avail_event_reach_the_guest_without_new_entries():
+    rig = Rig()
+    try:
+        rig.guest.post(4)
+        relay = relay_with_poll(rig)
+        rig.guest.device_header(flags=1, avail_event=7)   # the VF asks for a kick at 7
+        relay.poll()
+        assert rig.guest.guest_header() == (1, 7)
+    finally:
+        rig.close()
+
+
+def test_without_event_idx_the_no_interrupt_flag_decides():
+    rig = Rig()
+    try:
+        rig.guest.post(4)
+        relay = relay_with_poll(rig, event_idx=False)
+        rig.guest.set_avail(flags=1)              # the guest polls: VRING_AVAIL_F_NO_INTERRUPT
+        relay.poll()
+        assert relay.next_poll_ns() == MIN_NS
+        rig.guest.set_avail(flags=0)
+        relay.poll()
+        assert relay.next_poll_ns() == MAX_NS
     finally:
         rig.close()
