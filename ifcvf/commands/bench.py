@@ -5,6 +5,7 @@ import importlib
 
 BENCHMARKS = [
     "ifcvf.benchmarks.relay",
+    "ifcvf.benchmarks.relay_poll",
     "ifcvf.benchmarks.sim",
 ]
 

@@ -9,8 +9,10 @@ slowly while it will interrupt, not at all while it holds no buffer.
 """
 from __future__ import annotations
 
+import json
 import os
 
+from ifcvf.cli import main
 from ifcvf.relay import NotifyQueue, NotifyRelay
 from test_relay_notify import WAIT, Rig, readable, take
 
@@ -120,3 +122,15 @@ def test_without_event_idx_the_no_interrupt_flag_decides():
         assert relay.next_poll_ns() == MAX_NS
     finally:
         rig.close()
+
+
+def test_bench_relay_poll_reports_the_cost_of_each_state(tmp_path):
+    """The benchmark's own sanity: no polls while the VF holds no buffer, polls otherwise."""
+
+    out = tmp_path / "poll.json"
+    assert main(["bench", "relay-poll", "--queues", "2", "--seconds", "0.05", "--repeat", "1",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    states = {s["state"]: s for s in result["states"]}
+    assert states["empty"]["polls_per_s"] == 0
+    assert states["armed"]["polls_per_s"] > 0 and result["ns_per_poll"] > 0
