@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from hal.api import Clock, HalError, HostBuffer, MmioRegion, PciFunction, Poller
+from sim.device import IommuError, SimDevice
 
 PCI_CAP_ID_MSIX = 0x11
 MSIX_ENABLE = 0x8000
@@ -57,18 +58,18 @@ class SimRegion(MmioRegion):
 
 
 class SimFunction(PciFunction):
-    """A ``sim.ifcvf.IfcvfFunction`` seen through the HAL."""
+    """A simulated function (``sim.device.SimDevice``) seen through the HAL."""
 
     # A relay thread woken by an eventfd on a quiet bare-metal core: a few us
     # (perf.md measured ~23 us in this VM; busy polling would be ~0).
     DEFAULT_WAKEUP_NS = 2_000
 
-    def __init__(self, model, index: int = 0, *, wakeup_ns: int = DEFAULT_WAKEUP_NS):
+    def __init__(self, model: SimDevice, index: int = 0, *, wakeup_ns: int = DEFAULT_WAKEUP_NS):
         self.model = model
         self.world = model.world
         self.address = f"sim:{index}"
         self.clock = SimClock(self.world)
-        self.read_cycles = self.world.cycles(model.config.mmio_read_ns)
+        self.read_cycles = self.world.cycles(model.mmio_read_ns)
         self._regions: dict[int, SimRegion] = {}
         for bar in range(6):
             size = model.bar_size(bar)
@@ -106,15 +107,15 @@ class SimFunction(PciFunction):
         if offset < 0 or size <= 0 or offset + size > memory.size:
             raise HalError(f"dma_map: {offset:#x}+{size:#x} is outside the {memory.size:#x}-byte memory")
         try:
-            self.model.iommu.map(iova, memory.view[offset:offset + size], size)
-        except ValueError as err:  # IommuError derives from ValueError
+            self.model.dma.map(iova, memory.view[offset:offset + size], size)
+        except IommuError as err:
             raise HalError(f"dma_map {iova:#x}+{size:#x}: {err}") from None
         self._mappings[iova] = size
 
     def dma_unmap(self, iova: int, size: int) -> None:
         try:
-            self.model.iommu.unmap(iova, size)
-        except ValueError as err:
+            self.model.dma.unmap(iova, size)
+        except IommuError as err:
             raise HalError(f"dma_unmap {iova:#x}+{size:#x}: {err}") from None
         self._mappings.pop(iova, None)
 
@@ -142,7 +143,7 @@ class SimFunction(PciFunction):
             raise HalError(f"{self.address}: {len(eventfds)} eventfds for {count} MSI-X vectors")
         control = self.model.config_read(pos + 2, 2)
         for vector in range(count):
-            self.model.msix.bind(vector, -1)
+            self.model.bind_msix(vector, -1)
         if not eventfds:
             self.model.config_write(pos + 2, 2, control & ~(MSIX_ENABLE | MSIX_FUNCTION_MASK))
             return
@@ -154,7 +155,7 @@ class SimFunction(PciFunction):
             self.model.mmio_write(bir, entry + 4, 4, 0)
             self.model.mmio_write(bir, entry + 8, 4, vector)
             self.model.mmio_write(bir, entry + 12, 4, 0 if fd >= 0 else 1)
-            self.model.msix.bind(vector, fd)
+            self.model.bind_msix(vector, fd)
         self.model.config_write(pos + 2, 2, (control | MSIX_ENABLE) & ~MSIX_FUNCTION_MASK)
 
     # --- pollers --------------------------------------------------------------

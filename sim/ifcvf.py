@@ -174,6 +174,18 @@ class IfcvfFunction:
         spec = self.layout.bar(bar)
         return None if spec is None else spec.size
 
+    # The rest of the SimDevice protocol (sim/device.py).
+    @property
+    def dma(self) -> DmaDomain:
+        return self.iommu
+
+    @property
+    def mmio_read_ns(self) -> float:
+        return self.config.mmio_read_ns
+
+    def bind_msix(self, vector: int, eventfd: int) -> None:
+        self.msix.bind(vector, eventfd)
+
     def mmio_read(self, bar: int, offset: int, width: int) -> int:
         self._check_mmio(bar, offset, width)
         if not self.pci.memory_enabled:

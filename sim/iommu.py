@@ -21,7 +21,7 @@ IOVA_LIMIT = 1 << 48  # 48-bit input address width, as VT-d second-level tables
 class IommuError(ValueError):
     """A map or unmap request the domain refuses; nothing was changed.
 
-    A ValueError: the request carries a bad argument (hal/sim.py relies on it)."""
+    A ValueError: the request carries a bad argument."""
 
 
 @dataclass(frozen=True)
