@@ -24,7 +24,17 @@ class HostMemory:
     """
 
     def __init__(self, size: int, name: str = "ifcvf", *, fd: int | None = None,
-                 offset: int = 0, writable: bool = True):
+                 offset: int = 0, writable: bool = True, whole_pages: bool = False):
+        """Map ``size`` bytes of ``fd`` (a new memfd if None) from ``offset``.
+
+        With ``whole_pages`` the object spans the pages that hold those bytes:
+        ``self.size`` is ``size`` rounded up to a page, which is what an IOMMU
+        maps.  The file may end inside the last page (a vhost dirty log is
+        sized in 8-byte words, never in pages): the kernel maps that page whole
+        and its bytes past the end of the file are ordinary memory, but Python's
+        mmap refuses a length past the end of a file, so only ``size`` bytes
+        are asked of it and the rest of the page is reached through a pointer.
+        """
         if size <= 0:
             raise ValueError(f"memory size must be positive, not {size}")
         if offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
@@ -38,7 +48,7 @@ class HostMemory:
                 os.close(fd)
                 raise
         self.fd = fd
-        self.size = size
+        self.size = align_up(size) if whole_pages else size
         self.offset = offset
         self.name = name
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -48,7 +58,7 @@ class HostMemory:
             if own:
                 os.close(fd)
             raise
-        self.view = memoryview(self.mmap)
+        self.view = _span(self.mmap, self.size, writable)
         # Stable for the mmap's life.  The temporary cdata's buffer export is
         # released at once, so close() can still unmap.
         self.address = int(_ffi.cast("uintptr_t", _ffi.from_buffer(self.mmap)))
@@ -75,6 +85,24 @@ class HostMemory:
 
     def __repr__(self) -> str:
         return f"HostMemory({self.name!r}, size={self.size:#x}, fd={self.fd})"
+
+
+def _span(mapping: mmap.mmap, length: int, writable: bool) -> memoryview:
+    """A view of ``length`` bytes from the start of ``mapping``, which may be
+    shorter when its file ends inside the last page (see ``HostMemory``).
+
+    The pointer behind a longer view holds a buffer export of the mmap, as a
+    plain memoryview does, so the mmap cannot be closed (and unmapped) while
+    any view of the span is alive.
+    """
+    if length == len(mapping):
+        return memoryview(mapping)
+    if length > align_up(len(mapping)):
+        raise ValueError(f"a span of {length} bytes reaches past the last page of a "
+                         f"{len(mapping)}-byte mapping")
+    pointer = _ffi.from_buffer("uint8_t *", mapping)
+    view = memoryview(_ffi.buffer(pointer, length))
+    return view if writable else view.toreadonly()
 
 
 def align_up(value: int, align: int = PAGE_SIZE) -> int:

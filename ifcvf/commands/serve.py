@@ -187,27 +187,40 @@ def cmd_serve(args) -> int:
             server.add_endpoint(path, lambda d=driver, p=path: VhostBackend(
                 d, name=p, status_feature=not args.no_status), client=args.client)
             log.warning("serving %s on %s (%s)", device, path, driver.kind)
-        if world_box:
-            from sim.realtime import RealtimeClock
-            clock = RealtimeClock(world_box[0])
-            while not server.stopping:
-                server.poll_once(timeout=0.001)
-                clock.sync()
-        else:
-            server.serve_forever()
+        try:
+            if world_box:
+                from sim.realtime import RealtimeClock
+                clock = RealtimeClock(world_box[0])
+                server.serve_forever(timeout=0.001, after=clock.sync)
+            else:
+                server.serve_forever()
+        except Exception:
+            log.critical("the event loop keeps failing; stopping every VF", exc_info=True)
+            return 1
         return 0
     finally:
         # What the simulated VFs did (frames, drops, dirty-log marks), for whoever reads the log.
         for model in world_box[1:]:
-            stats = model.datapath.stats()
-            stats["queues"] = {q: c for q, c in stats["queues"].items() if c["rounds"] or c["dropped"]}
-            log.info("%s: stats %s%s", model.name, stats,
-                     f", errors {model.errors}" if model.errors else "")
+            _cleanup(f"{model.name}: stats", _log_model_stats, model)
         for link in links:
-            log.info("%s: %s", link.name, link.counters())
-        server.close()
+            _cleanup(f"{link.name}: counters", lambda wire=link: log.info("%s: %s", wire.name, wire.counters()))
+        # Each step on its own: one that fails must not leave the VFs after it running.
+        _cleanup("closing the vhost-user server", server.close)
         for driver in drivers:
-            driver.close()
+            _cleanup(f"closing {driver.name}", driver.close)
         for link in links:
-            link.close()
+            _cleanup(f"closing {link.name}", link.close)
+
+
+def _log_model_stats(model) -> None:
+    stats = model.datapath.stats()
+    stats["queues"] = {q: c for q, c in stats["queues"].items() if c["rounds"] or c["dropped"]}
+    log.info("%s: stats %s%s", model.name, stats, f", errors {model.errors}" if model.errors else "")
+
+
+def _cleanup(what: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.error("%s failed", what, exc_info=True)
 

@@ -15,11 +15,15 @@ role both feed it frames and send what it returns.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import socket
+import stat
+import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
-from hal.memory import HostMemory, align_up
+from hal.memory import HostMemory
 from ifcvf import ids
 from ifcvf.dirtylog import DirtyLog, LogRangeError, log_size_for
 from ifcvf.vdpa import VdpaDevice, VdpaError, Vring
@@ -63,9 +67,17 @@ class VringSetup:
             setattr(self, name, -1)
 
 
+LOG_WORD = 8  # QEMU sizes and clears the log in 64-bit words
+
+
 @dataclass
 class LogMapping:
-    """The dirty log from SET_LOG_BASE (the driver's LogArea)."""
+    """The dirty log from SET_LOG_BASE (the driver's LogArea).
+
+    ``memory`` spans whole pages, because the driver DMA-maps the log in pages
+    for the VF's own logging; ``log`` covers exactly ``size`` bytes from
+    ``offset``, so nothing past the front-end's log is ever written through it.
+    """
 
     memory: HostMemory
     offset: int
@@ -74,6 +86,24 @@ class LogMapping:
 
     def __post_init__(self):
         self.log = DirtyLog(self.memory.view[self.offset:self.offset + self.size])
+
+    @classmethod
+    def map(cls, fd: int, offset: int, size: int) -> "LogMapping":
+        """Map ``size`` bytes of the log at ``offset`` in ``fd``, which must hold them.
+
+        On success the mapping owns a duplicate of ``fd``; the caller keeps
+        (and closes) ``fd`` itself either way.
+        """
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page aligned
+        # QEMU's log file is exactly ``size`` bytes, usually not whole pages:
+        # map exactly the file's bytes, in the pages that hold them.
+        memory = HostMemory(offset + size - start, "vhost-log", fd=os.dup(fd), offset=start,
+                            whole_pages=True)
+        try:
+            return cls(memory, offset - start, size)
+        except BaseException:
+            memory.close()
+            raise
 
     def close(self) -> None:
         self.log.release()
@@ -109,6 +139,10 @@ class VhostBackend:
         self.backend_sock: socket.socket | None = None
         self.configured = False
         self.pending_backend: list[tuple[bytes, list[int]]] = []
+        # config_changed runs on the VF's interrupt poller, possibly another
+        # thread: it queues under this lock and wakes the transport's loop.
+        self._pending_lock = threading.Lock()
+        self.wake: Callable[[], None] = lambda: None  # set by the transport
         self.broken_reason = ""
         self.stats = {"messages": 0, "refused": 0}
 
@@ -131,11 +165,17 @@ class VhostBackend:
         self.vrings[index].last_used = last_used
 
     def config_changed(self) -> None:
-        """The VF raised its config interrupt: tell the front-end (BACKEND_CONFIG_CHANGE)."""
+        """The VF raised its config interrupt: tell the front-end (BACKEND_CONFIG_CHANGE).
+
+        Safe from any thread.  The transport's loop may be asleep waiting for
+        a socket, so it is woken to send the message now.
+        """
         if self.backend_sock is None:
             return
-        self.pending_backend.append(
-            (p.encode_backend_request(p.BackendRequest.CONFIG_CHANGE_MSG, need_reply=self._reply_ack), []))
+        message = p.encode_backend_request(p.BackendRequest.CONFIG_CHANGE_MSG, need_reply=self._reply_ack)
+        with self._pending_lock:
+            self.pending_backend.append((message, []))
+        self.wake()
 
     def mark_dirty(self, gpa: int, length: int) -> None:
         if self.log_mapping is None:
@@ -178,10 +218,25 @@ class VhostBackend:
         except Refused as err:
             close_fds(msg.fds)
             return self._refuse(msg.request, msg.flags, str(err))
+        except Exception:
+            return self._failed(name)
         action = p.reply_action(msg.request, msg.flags, reply_ack=self._reply_ack,
                                 log_shmfd=self._log_shmfd)
         log.debug("%s: %s handled -> %s", self.name, name, action.name)
         return self._send(msg.request, action, body)
+
+    def _failed(self, name: str) -> Outcome:
+        """A handler raised something it does not promise to raise: a bug, or a
+        resource failure in the middle of a change.  Only a refusal guarantees
+        that nothing changed, so nothing is answered: the connection is closed
+        (which stops the VF), and every other connection keeps being served.
+        The message's fds are not closed here: the handler may already own
+        some of them, and a double close could hit another connection's fd.
+        """
+        self.broken_reason = f"{name} failed unexpectedly"
+        log.error("%s: %s raised an unexpected error; closing this connection",
+                  self.name, name, exc_info=True)
+        return Outcome(close=True)
 
     def _gate_allows(self, msg: p.Message) -> bool:
         if msg.request is R.SEND_RARP:
@@ -211,11 +266,12 @@ class VhostBackend:
                                 log_shmfd=self._log_shmfd, ok=False)
         if request == R.SET_LOG_BASE and action is p.ReplyAction.CLOSE:
             # Its reply cannot say "failed", but closing would cut the guest's
-            # network over a log: answer, keep no log, and LOG_ALL will then be
-            # refused with an ack QEMU does check, failing only the migration.
+            # network over a log: answer, and keep no log (below).
             action = p.ReplyAction.BODY
         log.warning("%s: refused %s: %s%s", self.name, name, reason,
                     " (closing: no reply can carry the failure)" if action is p.ReplyAction.CLOSE else "")
+        if request == R.SET_LOG_BASE:
+            self._forget_log(reason)
         if action is p.ReplyAction.CLOSE:
             self.broken_reason = f"{name}: {reason}"
         return self._send(request, action, None)
@@ -291,15 +347,19 @@ class VhostBackend:
 
     def flush_backend(self) -> None:
         """Send queued back-end -> front-end requests; their acks are read by ``poll_backend``."""
-        while self.pending_backend and self.backend_sock is not None:
-            data, fds = self.pending_backend.pop(0)
+        while self.backend_sock is not None:
+            with self._pending_lock:
+                if not self.pending_backend:
+                    return
+                data, fds = self.pending_backend.pop(0)
             try:
                 send_message(self.backend_sock, data, fds)
             except OSError as err:
                 log.warning("%s: back-end channel failed: %s", self.name, err)
                 self.backend_sock.close()
                 self.backend_sock = None
-                self.pending_backend.clear()
+                with self._pending_lock:
+                    self.pending_backend.clear()
 
     def poll_backend(self) -> None:
         """Read whatever acks the front-end sent on the back-end channel (non-blocking)."""
@@ -421,23 +481,32 @@ class VhostBackend:
                  " (VF stopped; reconfigures when ready)" if was_configured else "")
         return None
 
-    def _on_set_log_base(self, msg):
-        size, offset = msg.payload.mmap_size, msg.payload.mmap_offset
-        fd = msg.fds[0]
-        if size == 0:
-            raise Refused("log size 0")
+    def _check_log_size(self, size: int, offset: int, fd: int) -> None:
+        """Refuse a log QEMU would never send: any multiple of 8 bytes is legal
+        (one 64-bit word per 256 KiB of guest address space, never page-rounded)."""
+        if size == 0 or size % LOG_WORD:
+            raise Refused(f"log size {size} is not a positive multiple of {LOG_WORD} bytes")
         if self.memory is not None and size < log_size_for(self.memory.end):
             raise Refused(f"log of {size} bytes covers less than the memory table "
                           f"(needs {log_size_for(self.memory.end)} bytes)")
         try:
             st = os.fstat(fd)
-            if st.st_size < offset + size:
-                raise Refused(f"log fd holds {st.st_size} bytes, not {offset}+{size}")
-            # Whole pages: the VF's IOMMU maps pages, and a partial last page
-            # past the end of the file is still safe to map.
-            mapping = LogMapping(HostMemory(align_up(offset + size), "vhost-log", fd=fd), offset, size)
         except OSError as err:
-            raise Refused(f"cannot map the log: {err}") from None
+            raise Refused(f"log fd is not usable: {err}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(f"log fd is not a memory file (mode {st.st_mode:o})")
+        if offset + size > st.st_size:
+            raise Refused(f"log of {size} bytes at offset {offset} ends past its fd, "
+                          f"which holds {st.st_size} bytes")
+
+    def _on_set_log_base(self, msg):
+        size, offset = msg.payload.mmap_size, msg.payload.mmap_offset
+        self._check_log_size(size, offset, msg.fds[0])
+        try:
+            mapping = LogMapping.map(msg.fds[0], offset, size)
+        except (OSError, ValueError, OverflowError) as err:
+            raise Refused(f"cannot map the log of {size} bytes at offset {offset}: {err}") from None
+        os.close(msg.fds[0])  # the mapping holds its own duplicate
         old, self.log_mapping = self.log_mapping, mapping
         try:
             self.driver.log_base_changed()
@@ -447,6 +516,18 @@ class VhostBackend:
             old.close()
         log.info("%s: dirty log of %d bytes mapped", self.name, size)
         return None
+
+    def _forget_log(self, reason: str) -> None:
+        """A refused SET_LOG_BASE: QEMU ignores the reply and from now on reads
+        only the log it just sent, so the old one must not receive a single
+        mark more.  The driver stops a VF that logs (VdpaDevice.log_unusable),
+        and with no log a later LOG_ALL keeps the VF stopped until a usable
+        log comes: the guest loses its network, never a dirty page."""
+        self.driver.log_unusable(reason)
+        old, self.log_mapping = self.log_mapping, None
+        if old is not None:
+            old.close()
+            log.error("%s: the previous dirty log is dropped: %s", self.name, reason)
 
     def _on_set_log_fd(self, msg):
         # QEMU 7.2 never sends it for net; we have no use for a "log changed" signal.

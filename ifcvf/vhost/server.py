@@ -3,7 +3,10 @@
 The loop multiplexes every listening socket, connection and back-end channel
 with ``selectors``; ``poll_once`` handles whatever is pending and returns, so
 the simulator can drive the same code without threads.  A broken or hostile
-connection is closed alone: the others keep being served.
+connection is closed alone: the others keep being served.  That holds for
+unexpected exceptions too (a bug in a handler, a failed allocation): whatever
+one connection's work raises is logged with its traceback and costs that
+connection only, never the loop.
 """
 from __future__ import annotations
 
@@ -12,17 +15,27 @@ import logging
 import os
 import selectors
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ifcvf.vhost import protocol as p
 from ifcvf.vhost.backend import VhostBackend
-from ifcvf.vhost.channel import ConnectionClosed, MessageReader, send_message
+from ifcvf.vhost.channel import ConnectionClosed, MessageReader, close_fds, send_message
 from ifcvf.vhost.errors import ProtocolError
 
 log = logging.getLogger("ifcvf.vhost.server")
 
 RECONNECT_S = 1.0
+MAX_LOOP_FAILURES = 100
+
+
+def _request_name(frame) -> str:
+    try:
+        return p.request_name(frame.header.request)
+    except Exception:
+        return "a message"
 
 
 @dataclass
@@ -53,6 +66,9 @@ class VhostServer:
         self.endpoints: list[Endpoint] = []
         self.connections: list[Connection] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # wake() comes from other threads and signal handlers (re-entrant):
+        # it must never write to the pipe's fd number once close() freed it.
+        self._wake_lock = threading.RLock()
         self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self.stopping = False
 
@@ -101,7 +117,18 @@ class VhostServer:
             log.debug("connect %s: %s (retrying)", ep.path, err)
             return
         log.info("connected to %s", ep.path)
-        self._adopt(ep, sock)
+        if self._adopt_or_close(ep, sock) is None:
+            ep.next_connect = time.monotonic() + RECONNECT_S
+
+    def _adopt_or_close(self, ep: Endpoint, sock: socket.socket) -> "Connection | None":
+        """Serve a new connection; if its back-end cannot even be built, close
+        the socket (the front-end sees a disconnect) and keep the endpoint."""
+        try:
+            return self._adopt(ep, sock)
+        except Exception:
+            log.error("%s: cannot serve the new connection; closed it", ep.path, exc_info=True)
+            sock.close()
+            return None
 
     def add_connection(self, sock: socket.socket, backend: VhostBackend, name: str = "") -> Connection:
         """Serve an already-connected socket (the simulator's socketpair)."""
@@ -112,55 +139,105 @@ class VhostServer:
         sock.setblocking(False)
         backend = backend or ep.make_backend()
         conn = Connection(ep, sock, backend, name=name or (ep.path if ep else backend.name))
+        self.selector.register(sock, selectors.EVENT_READ, ("conn", conn))
         if ep:
             ep.conn = conn
         self.connections.append(conn)
-        self.selector.register(sock, selectors.EVENT_READ, ("conn", conn))
+        backend.wake = self.wake  # its VF's config interrupts must not wait for a timeout
         return conn
 
     # --- the loop ------------------------------------------------------------------
     def wake(self) -> None:
         """Make a blocked poll_once return (from a signal handler or another thread)."""
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # closed: nothing left to wake
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full: a wake-up is already pending
 
     def stop(self) -> None:
         self.stopping = True
         self.wake()
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, timeout: float = RECONNECT_S, after: Callable[[], None] | None = None) -> None:
+        """Serve until ``stop``; ``after`` runs after each round (the simulated world's clock).
+
+        Each connection's errors are contained by ``poll_once``; what is left is
+        the loop's own machinery and ``after``.  Those are logged and the loop
+        goes on, unless they fail MAX_LOOP_FAILURES rounds in a row: then the
+        loop itself is broken, and spinning on it would serve no one.
+        """
+        failures = 0
         while not self.stopping:
-            self.poll_once(timeout=RECONNECT_S)
+            try:
+                self.poll_once(timeout)
+                if after is not None:
+                    after()
+            except Exception:
+                failures += 1
+                log.error("the event loop failed (%d round(s) in a row); serving on",
+                          failures, exc_info=True)
+                if failures >= MAX_LOOP_FAILURES:
+                    raise
+            else:
+                failures = 0
 
     def poll_once(self, timeout: float | None = 0) -> int:
         """Handle everything pending (waiting up to ``timeout`` s for something); returns frames handled."""
         handled = 0
         for conn in list(self.connections):
-            self._watch_backend_channel(conn)
+            self._guarded(conn, "watching its back-end channel", self._watch_backend_channel, conn)
         for key, _ in self.selector.select(timeout):
             kind, obj = key.data
             if kind == "wake":
-                while True:
-                    try:
-                        if not os.read(self._wake_r, 256):
-                            break
-                    except BlockingIOError:
-                        break
+                self._drain_wake()
             elif kind == "listen":
-                self._accept(obj)
+                self._guarded_accept(obj)
+            elif obj not in self.connections:
+                continue  # closed by an earlier event of this round
             elif kind == "conn":
                 handled += self._service(obj)
             elif kind == "backend":
-                obj.backend.poll_backend()
+                self._guarded(obj, "reading its back-end channel", obj.backend.poll_backend)
         for conn in list(self.connections):
-            conn.backend.flush_backend()
+            self._guarded(conn, "sending on its back-end channel", conn.backend.flush_backend)
         now = time.monotonic()
         for ep in self.endpoints:
             if ep.client and ep.conn is None and not self.stopping and now >= ep.next_connect:
-                self._try_connect(ep)
+                self._guarded_connect(ep)
         return handled
+
+    def _drain_wake(self) -> None:
+        while True:
+            try:
+                if not os.read(self._wake_r, 256):
+                    return
+            except BlockingIOError:
+                return
+
+    def _guarded(self, conn: Connection, what: str, fn: Callable, *args):
+        """Run one connection's work; an unexpected exception closes that connection only."""
+        try:
+            return fn(*args)
+        except Exception:
+            log.error("%s: unexpected error %s; closing this connection", conn.name, what, exc_info=True)
+            self._close_conn(conn)
+            return None
+
+    def _guarded_accept(self, ep: Endpoint) -> None:
+        try:
+            self._accept(ep)
+        except Exception:
+            log.error("%s: accepting a front-end failed", ep.path, exc_info=True)
+
+    def _guarded_connect(self, ep: Endpoint) -> None:
+        try:
+            self._try_connect(ep)
+        except Exception:
+            ep.next_connect = time.monotonic() + RECONNECT_S
+            log.error("%s: connecting failed (retrying)", ep.path, exc_info=True)
 
     def _watch_backend_channel(self, conn: Connection) -> None:
         sock = conn.backend.backend_sock
@@ -186,7 +263,7 @@ class VhostServer:
             sock.close()
             return
         log.info("%s: front-end connected", ep.path)
-        self._adopt(ep, sock)
+        self._adopt_or_close(ep, sock)
 
     def _service(self, conn: Connection) -> int:
         try:
@@ -201,26 +278,55 @@ class VhostServer:
         except OSError as err:
             self._drop(conn, f"socket error: {err}")
             return 0
+        except Exception:
+            log.error("%s: unexpected error reading from the front-end; closing this connection",
+                      conn.name, exc_info=True)
+            self._close_conn(conn)
+            return 0
         for i, frame in enumerate(frames):
-            outcome = conn.backend.handle(frame)
             try:
-                for data, fds in outcome.replies:
-                    send_message(conn.sock, data, fds)
-            except OSError as err:
-                self._drop(conn, f"cannot reply: {err}")
+                alive = self._handle_frame(conn, frame)
+            except Exception:
+                log.error("%s: unexpected error handling %s; closing this connection",
+                          conn.name, _request_name(frame), exc_info=True)
+                self._close_conn(conn)
+                alive = False
+            if not alive:
+                # The frames after it were for a connection that no longer exists.
+                for rest in frames[i + 1:]:
+                    close_fds(rest.fds)
                 return i + 1
-            if outcome.close:
-                self._drop(conn, f"closing: {conn.backend.broken_reason}")
-                return i + 1
-            conn.backend.after_reply()
-            conn.backend.flush_backend()
         return len(frames)
+
+    def _handle_frame(self, conn: Connection, frame) -> bool:
+        """Handle one message and send its replies; False once the connection is closed."""
+        outcome = conn.backend.handle(frame)
+        try:
+            for data, fds in outcome.replies:
+                send_message(conn.sock, data, fds)
+        except OSError as err:
+            self._drop(conn, f"cannot reply: {err}")
+            return False
+        if outcome.close:
+            self._drop(conn, f"closing: {conn.backend.broken_reason}")
+            return False
+        conn.backend.after_reply()
+        conn.backend.flush_backend()
+        return True
 
     def _drop(self, conn: Connection, why: str) -> None:
         log.warning("%s: %s", conn.name, why)
         self._close_conn(conn)
 
     def _close_conn(self, conn: Connection) -> None:
+        """Forget the connection first, then release it: even if releasing fails
+        part-way, the loop never serves it again and the endpoint takes a new one."""
+        if conn in self.connections:
+            self.connections.remove(conn)
+        if conn.endpoint is not None and conn.endpoint.conn is conn:
+            conn.endpoint.conn = None
+            conn.endpoint.next_connect = time.monotonic() + RECONNECT_S
+        conn.backend.wake = lambda: None  # its interrupt poller may outlive this server
         self._watch_backend_channel_off(conn)
         try:
             self.selector.unregister(conn.sock)
@@ -228,12 +334,11 @@ class VhostServer:
             pass
         conn.reader.close()
         conn.sock.close()
-        conn.backend.close()
-        if conn in self.connections:
-            self.connections.remove(conn)
-        if conn.endpoint is not None:
-            conn.endpoint.conn = None
-            conn.endpoint.next_connect = time.monotonic() + RECONNECT_S
+        try:
+            conn.backend.close()  # stops its VF
+        except Exception:
+            log.error("%s: closing its back-end failed; the connection is gone anyway",
+                      conn.name, exc_info=True)
 
     def _watch_backend_channel_off(self, conn: Connection) -> None:
         if conn.backend_registered is not None:
@@ -255,5 +360,8 @@ class VhostServer:
                 except FileNotFoundError:
                     pass
         self.selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            wake_r, wake_w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1
+            os.close(wake_r)
+            os.close(wake_w)
