@@ -57,9 +57,14 @@ fail() {
 # ifcvf_hold=1: after the command, unmount every 9p share and keep the guest
 # running on its kernel alone (QEMU refuses to migrate while a VirtFS share is
 # mounted; the kernel still answers pings).  Children before parents.
+# A command may leave /run/ifcvf/after-hold.sh (the control share): it is
+# copied into the initramfs first and run by its busybox once the shares are
+# gone, in the background, after the HELD marker.
 hold() {
     echo
     echo "@EXIT@ $token $1"
+    rm -f /after-hold.sh
+    [ -f /ctl/after-hold.sh ] && cp /ctl/after-hold.sh /after-hold.sh
     for m in $(awk -v r="$R" '$2 == r || index($2, r "/") == 1 || $2 == "/ctl" {print $2}' /proc/mounts | sort -r); do
         umount "$m"
     done
@@ -67,6 +72,7 @@ hold() {
         echo "@HOLD_FAILED@ $token: still mounted: $(grep ' 9p ' /proc/mounts | awk '{print $2}')"
     else
         echo "@HELD@ $token"
+        [ -f /after-hold.sh ] && sh /after-hold.sh </dev/null &
     fi
     while :; do sleep 3600; done
 }

@@ -8,7 +8,12 @@
   socket, greeting, ``qmp_capabilities``, then commands; events that arrive
   while waiting for a reply are kept for ``wait_event``.
 - ``vhost_user_config``: the guest options for a vhost-user NIC the way
-  QEMU 7.2 needs them under TCG (shared memfd guest RAM, ``vectors=0``).
+  QEMU 7.2 needs them under TCG (shared memfd guest RAM, or a shared RAM
+  file, ``vectors=0``).
+- For two QEMUs (test_two_qemu_migration.py): ``Reflector`` (a UDP wire end
+  that sends every frame back, MACs swapped, to whichever VF sent it),
+  ``SerialLines`` (a guest serial port on a socket, lines with host arrival
+  times), ``QemuProcess`` (a QEMU from a full command line, killed by PID).
 """
 from __future__ import annotations
 
@@ -175,26 +180,33 @@ class Qmp:
 
 
 def vhost_user_config(socket_path: Path, qmp_path: Path, *, memory_mib: int = 512,
-                      kernel_args: str = "quiet") -> GuestConfig:
+                      kernel_args: str = "quiet", ram_file: Path | None = None,
+                      extra_qemu_args: list[str] | tuple[str, ...] = ()) -> GuestConfig:
     """A guest whose only NIC is virtio-net-pci on a vhost-user netdev (real-peers.md §3).
 
     - Guest RAM is one shared memfd (a NUMA node's memdev), so the back-end can
-      map it from the fd QEMU sends with SET_MEM_TABLE.
+      map it from the fd QEMU sends with SET_MEM_TABLE; with ``ram_file`` it is
+      that file instead (``memory-backend-file``, ``share=on``: the file is the
+      guest's RAM, so a test can read it).
     - ``vectors=0``: QEMU 7.2 under TCG segfaults when a vhost NIC's guest
       driver enables MSI-X (NULL vector_irqfd); with no vectors the guest uses
       INTx, which QEMU raises when the back-end writes the call eventfd.
     - No iommu_platform: the back-end sees guest-physical addresses, as vhost
       does for a NIC outside the vIOMMU.
     """
+    backend = (f"memory-backend-file,id=mem0,size={memory_mib}M,mem-path={ram_file},share=on"
+               if ram_file is not None else
+               f"memory-backend-memfd,id=mem0,size={memory_mib}M,share=on")
     return GuestConfig(
         memory_mib=memory_mib, kernel_args=kernel_args, nic=False,
         extra_qemu_args=[
-            "-object", f"memory-backend-memfd,id=mem0,size={memory_mib}M,share=on",
+            "-object", backend,
             "-numa", "node,memdev=mem0",
             "-chardev", f"socket,id=vhu0,path={socket_path}",
             "-netdev", "vhost-user,id=n0,chardev=vhu0",
             "-device", f"virtio-net-pci,netdev=n0,mac={NIC_MAC},vectors=0",
             "-qmp", f"unix:{qmp_path},server=on,wait=off",
+            *extra_qemu_args,
         ])
 
 
@@ -272,3 +284,135 @@ def icmp_reply_of(frame: bytes) -> tuple[bytes, bytes, str, str, int, int, bytes
     ident, seq = struct.unpack("!HH", icmp[4:8])
     return (frame[0:6], frame[6:12], socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20]),
             ident, seq, icmp[8:])
+
+
+# --- for tests with more than one QEMU (test_two_qemu_migration.py) -----------------------
+class Reflector:
+    """One UDP socket on loopback that sends every datagram back to its sender, MACs swapped.
+
+    Any number of `ifcvf serve --wire udp:0:PORT` can point at ``port``: each
+    frame goes back to the address it came from, so after a migration the
+    destination's VF is answered as soon as it sends.  A guest's ICMP echo
+    request to a peer address therefore comes back to the guest as a frame
+    addressed to it (which its kernel drops, after its driver counted it).
+    ``arrivals`` keeps the host time of every frame, per sender.
+    """
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.arrivals: dict[tuple[str, int], list[float]] = {}
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reflector", daemon=True)
+        self._thread.start()
+
+    @property
+    def wire(self) -> str:
+        return f"udp:0:{self.port}"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not select.select([self.sock], [], [], 0.1)[0]:
+                continue
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except OSError:          # ICMP port unreachable from a VF that went away
+                self.errors += 1
+                continue
+            self.arrivals.setdefault(addr, []).append(time.monotonic())
+            if len(data) >= 14:
+                try:
+                    self.sock.sendto(data[6:12] + data[0:6] + data[12:], addr)
+                except OSError:
+                    self.errors += 1
+
+    def count_between(self, start: float, end: float) -> int:
+        return sum(start <= t < end for times in list(self.arrivals.values()) for t in list(times))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+class SerialLines:
+    """A guest serial port on a QEMU ``socket,server=on,wait=off`` chardev: lines with host arrival times.
+
+    ``lines`` holds ``(time.monotonic() when the line's end arrived, text)``.
+    """
+
+    def __init__(self, path: Path, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    self.sock.close()
+                    raise
+                time.sleep(0.05)
+        self.lines: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="serial-lines", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pending = b""
+        while not self._stop.is_set():
+            if not select.select([self.sock], [], [], 0.1)[0]:
+                continue
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            now = time.monotonic()
+            pending += chunk.replace(b"\r", b"")
+            *complete, pending = pending.split(b"\n")
+            self.lines.extend((now, line.decode(errors="replace")) for line in complete)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+class QemuProcess:
+    """A QEMU started from a full command line, output to ``log``; killed by PID on ``close``."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.log_path = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    """Until a unix socket exists at ``path`` (a QEMU's QMP, say), or ``proc`` exited."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process {proc.pid} exited ({proc.returncode}) before {path} existed")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {path} within {timeout:.0f} s")
+        time.sleep(0.05)
