@@ -5,9 +5,11 @@ IOVA = GPA, the dirty log at IOVA_LOG_BASE, mediated rings from
 IOVA_MEDIATED_RINGS), its MSI-X routing (vector 0 for config changes, vector
 1+i to vring i's call eventfd, or to the relay's own eventfd while the
 software relay interposes), the kick relay, and the live-migration mode.  The
-back-end gives it a ``VhostDevice`` view (negotiated features, guest memory,
-vrings, the log), as DPDK's vhost library gives rte_vhost handles to its vDPA
-drivers.
+back-end pushes down what the driver needs as arguments (a ``DeviceSetup`` of
+negotiated features, guest memory, vrings and log at ``dev_conf``; the new
+features, log or vrings with each change) and takes back what the driver
+produces as return values (ring states at ``dev_close``): the driver never
+calls back into the back-end, except to report a config interrupt.
 
 Two ways to migrate:
 - hardware logging: the log is DMA-mapped and the VF's LM block programmed;
@@ -28,26 +30,17 @@ import logging
 import os
 import select
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
-from hal.api import HalError, PciFunction
+from hal.api import HalError, HostBuffer, PciFunction
 from ifcvf import ids
 from ifcvf.devargs import Devargs
+from ifcvf.dirtylog import DirtyLog, LogRangeError
 from ifcvf.hw import HwError, IfcvfHw, QueueConfig, RingState
 from ifcvf.iova import place
 from ifcvf.relay import MediatedRing, MemoryTable, NotifyQueue, NotifyRelay, RelayError, RelayQueue
 
 log = logging.getLogger("ifcvf.vdpa")
-
-PROTOCOL_FEATURES = (
-    (1 << 0)     # MQ
-    | (1 << 1)   # LOG_SHMFD
-    | (1 << 3)   # REPLY_ACK
-    | (1 << 5)   # BACKEND_REQ
-    | (1 << 10)  # BACKEND_SEND_FD
-    | (1 << 11)  # HOST_NOTIFIER
-    | (1 << 16)  # STATUS
-)
 
 # Features the back-end adds to the VF's own, as DPDK does: the guest announces
 # itself after migration (the VF cannot send RARP), QEMU handles the control
@@ -100,27 +93,40 @@ class Vring:
 
 
 class LogArea(Protocol):
-    memory: object   # HostMemory holding the log
-    offset: int      # where the log starts in it
-    size: int        # bytes of log
-    log: object      # ifcvf.dirtylog.DirtyLog over it
+    """The dirty log from SET_LOG_BASE."""
+
+    memory: HostBuffer   # whole pages holding the log (what the VF's IOMMU maps)
+    offset: int          # where the log starts in it
+    size: int            # bytes of log
+    log: DirtyLog        # exactly those bytes
 
 
-class VhostDevice(Protocol):
-    """The back-end's view of one connection, as the driver sees it."""
+class GuestRegion(Protocol):
+    gpa: int
+    size: int
+    mapping: HostBuffer  # the region's memory
+    mmap_offset: int     # where the region starts in it
+
+
+class GuestMemoryView(Protocol):
+    """Guest RAM as the front-end's memory table gave it."""
+
+    regions: Sequence[GuestRegion]
+
+    def view(self, gpa: int, length: int) -> memoryview: ...
+
+    def c_table(self) -> list[tuple[int, int, int]]:
+        """(gpa, size, host address) of each region, for the C relay."""
+
+
+@dataclass
+class DeviceSetup:
+    """What dev_conf is given: the device as the front-end set it up."""
 
     features: int
-    memory: object   # ifcvf.vhost.memory.GuestMemory
-
-    def vring_views(self) -> list[Vring]: ...
-
-    def log_area(self) -> LogArea | None: ...
-
-    def set_vring_base(self, index: int, last_avail: int, last_used: int) -> None: ...
-
-    def config_changed(self) -> None: ...
-
-    def mark_dirty(self, gpa: int, length: int) -> None: ...
+    memory: GuestMemoryView
+    vrings: list[Vring]
+    log: LogArea | None = None
 
 
 class ConfigWatcher:
@@ -179,7 +185,7 @@ class SwRelay:
 class Running:
     """What exists while the datapath runs; torn down in reverse."""
 
-    dev: VhostDevice
+    setup: DeviceSetup
     mapped: list[tuple[int, int]] = field(default_factory=list)
     config_fd: int = -1
     config_watch: ConfigWatcher | None = None
@@ -192,6 +198,8 @@ class Running:
     #: LOG_ALL is set), with the ring states it stopped at; None: not paused.
     paused: str | None = None
     paused_states: dict[int, RingState] = field(default_factory=dict)
+    #: Vrings stopped while the VF ran (SET_VRING_ENABLE 0), and where.
+    stopped: dict[int, RingState] = field(default_factory=dict)
 
 
 class VdpaDevice:
@@ -242,9 +250,6 @@ class VdpaDevice:
     def get_features(self) -> int:
         return self.features
 
-    def get_protocol_features(self) -> int:
-        return PROTOCOL_FEATURES
-
     def get_queue_num(self) -> int:
         return self.max_queue_pairs
 
@@ -280,33 +285,36 @@ class VdpaDevice:
         return sorted(self.running.queues) if self.running else []
 
     # --- dev_conf / dev_close ----------------------------------------------------
-    def dev_conf(self, dev: VhostDevice) -> None:
-        """Start the datapath for every enabled vring; on failure undo everything."""
+    def dev_conf(self, setup: DeviceSetup, on_config_change: Callable[[], None] = lambda: None) -> None:
+        """Start the datapath for every enabled vring; on failure undo everything.
+
+        ``on_config_change`` runs (on the interrupt poller) when the VF raises
+        its config interrupt."""
         if self.running:
             raise VdpaError(f"{self.name}: already configured")
-        run = Running(dev)
+        run = Running(setup)
         self.running = run
         try:
-            self._start(run)
+            self._start(run, on_config_change)
         except (HwError, HalError, VdpaError, RelayError, OSError, ValueError) as err:
             self._teardown(run, save_state=False)
             self.running = None
             raise VdpaError(f"{self.name}: cannot configure the VF: {err}") from None
 
     def _vrings(self, run: Running) -> list[Vring]:
-        return [v for v in run.dev.vring_views() if v.index < self.max_vrings]
+        return [v for v in run.setup.vrings if v.index < self.max_vrings]
 
-    def _start(self, run: Running) -> None:
-        dev = run.dev
+    def _start(self, run: Running, on_config_change: Callable[[], None]) -> None:
+        dev = run.setup
         for region in dev.memory.regions:
             self.fn.dma_map(region.gpa, region.mapping, region.mmap_offset, region.size)
             run.mapped.append((region.gpa, region.size))
         run.config_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        run.config_watch = ConfigWatcher(f"{self.name}-config", run.config_fd, dev.config_changed)
+        run.config_watch = ConfigWatcher(f"{self.name}-config", run.config_fd, on_config_change)
         self.fn.start_poller(run.config_watch)
         run.queues = {v.index: self._queue_config(v) for v in self._vrings(run) if v.enabled}
         run.notify_offsets = {q: self.hw.notify_offset(q) for q in range(self.max_vrings)}
-        if dev.features & ids.bit(ids.Feature.LOG_ALL) and dev.log_area() is None:
+        if dev.features & ids.bit(ids.Feature.LOG_ALL) and dev.log is None:
             # Nothing may be written that the log cannot show: start stopped.
             run.paused_states = {q: RingState(c.last_used, c.last_used, c.last_avail)
                                  for q, c in run.queues.items()}
@@ -386,7 +394,7 @@ class VdpaDevice:
         run.queues = {c.index: c for c in configs}
         log_range = self._map_log(run) if logged else None
         try:
-            self.hw.start(run.dev.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run),
+            self.hw.start(run.setup.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run),
                           log=log_range)
         except (HwError, HalError):
             self._unmap_log(run)
@@ -394,14 +402,15 @@ class VdpaDevice:
         self.logging = log_range is not None
         self._start_relay(run)
 
-    def dev_close(self) -> None:
-        """Stop the datapath, save every ring's state into the vhost device, unmap."""
+    def dev_close(self) -> dict[int, RingState]:
+        """Stop the datapath and unmap; each running vring's state, to resume from."""
         run = self.running
         if run is None:
-            return
+            return {}
         self.running = None
-        self._teardown(run, save_state=True)
+        states = self._teardown(run, save_state=True)
         log.info("%s: datapath down", self.name)
+        return states
 
     def _stop_hw(self, run: Running) -> dict[int, RingState]:
         """Stop the VF and return each running queue's state (from the used ring if need be)."""
@@ -416,7 +425,7 @@ class VdpaDevice:
                 log.error("%s: reset: %s", self.name, err2)
         return {q: states.get(q) or self._state_from_used_ring(run, q) for q in run.queues}
 
-    def _teardown(self, run: Running, *, save_state: bool) -> None:
+    def _teardown(self, run: Running, *, save_state: bool) -> dict[int, RingState]:
         self._stop_relay(run)
         if run.config_watch is not None:
             self.fn.stop_poller(run.config_watch)
@@ -429,13 +438,11 @@ class VdpaDevice:
             states = self._stop_hw(run)
         if run.sw is not None:
             states = self._stop_sw(run, states)
-        if save_state:
-            for q, state in sorted(states.items()):
-                run.dev.set_vring_base(q, state.last_avail, state.last_used)
         self._disable_logging(run)
         if logged and save_state:
             self._mark_used_rings_dirty(run)
         self._release(run)
+        return dict(sorted({**run.stopped, **states}.items())) if save_state else {}
 
     def _release(self, run: Running) -> None:
         errors = []
@@ -461,14 +468,20 @@ class VdpaDevice:
         if run.sw and q in run.sw.rings:
             used = run.sw.rings[q].used_idx
         else:
-            used = int.from_bytes(run.dev.memory.view(queue.used + 2, 2), "little")
+            used = int.from_bytes(run.setup.memory.view(queue.used + 2, 2), "little")
         return RingState(used, used, used)
 
     def _mark_used_rings_dirty(self, run: Running) -> None:
         # IFCVF logs packet buffers only; the used rings it (or our relay) wrote are ours to log.
+        area = run.setup.log
+        if area is None:
+            return
         for v in self._vrings(run):
             if v.index in run.queues:
-                run.dev.mark_dirty(v.log_gpa, USED_RING_HEADER + 8 * v.size + 2)
+                try:
+                    area.log.mark(v.log_gpa, USED_RING_HEADER + 8 * v.size + 2)
+                except LogRangeError as err:
+                    log.error("%s: vring %d: cannot log its used ring: %s", self.name, v.index, err)
 
     # --- software relay (sw-live-migration=1) --------------------------------------------
     def _start_sw(self, run: Running, states: dict[int, RingState]) -> None:
@@ -482,7 +495,7 @@ class VdpaDevice:
         self._build_sw(run, {q: v for q, v in vrings.items() if q % 2 == 0}, states)
         self._route_msix(run)
         configs = list(run.queues.values())
-        self.hw.start(run.dev.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run))
+        self.hw.start(run.setup.features & ~VHOST_ONLY, configs, mq_pairs=self._enabled_pairs(run))
         self._start_relay(run)
         self._wake_guest(run, sorted(run.sw.queues))
         for q in run.queues:  # and make the VF look at every ring again
@@ -490,12 +503,12 @@ class VdpaDevice:
 
     def _build_sw(self, run: Running, rx: dict[int, Vring], states: dict[int, RingState]) -> None:
         """Mediated rings, relay queues and interrupt eventfds for the RX vrings ``rx``."""
-        area = run.dev.log_area()
+        area = run.setup.log
         if area is None:
             raise VdpaError(f"{self.name}: LOG_ALL without a log (SET_LOG_BASE never came)")
-        sw = SwRelay(MemoryTable(run.dev.memory.c_table()))
+        sw = SwRelay(MemoryTable(run.setup.memory.c_table()))
         run.sw = sw
-        event_idx = bool(run.dev.features >> ids.Feature.RING_EVENT_IDX & 1)
+        event_idx = bool(run.setup.features >> ids.Feature.RING_EVENT_IDX & 1)
         rings = {q: MediatedRing(v.size, name=f"{self.name}-mediated-{q}") for q, v in sorted(rx.items())}
         sw.rings.update(rings)
         iova = self._iova_window(run, ids.IOVA_MEDIATED_RINGS, sum(r.nbytes for r in rings.values()) or 4096,
@@ -650,11 +663,12 @@ class VdpaDevice:
             self.hw.kick(q, run.notify_offsets[q])
 
     # --- runtime changes ---------------------------------------------------------
-    def vring_fds_changed(self, dev: VhostDevice) -> None:
+    def vring_fds_changed(self, vrings: list[Vring]) -> None:
         """A kick or call eventfd was replaced while running: re-route vectors and kicks."""
         run = self.running
         if run is None:
             return
+        run.setup.vrings = list(vrings)
         self._stop_relay(run)
         try:
             self._route_msix(run)
@@ -662,15 +676,22 @@ class VdpaDevice:
         except (HalError, OSError, ValueError) as err:
             raise VdpaError(f"{self.name}: re-routing eventfds: {err}") from None
 
-    def set_vring_state(self, index: int, enable: bool) -> None:
-        """SET_VRING_ENABLE while configured: start or stop one queue (the guest's ethtool -L)."""
+    def set_vring_state(self, index: int, enable: bool,
+                        vrings: list[Vring] | None = None) -> RingState | None:
+        """SET_VRING_ENABLE while configured: start or stop one queue (the guest's ethtool -L).
+
+        ``vrings``: the vrings as they are now, if they changed.  Returns the
+        state a stopped queue stopped at (None otherwise); dev_close reports
+        it again."""
         if not 0 <= index < self.max_vrings:
             raise VdpaError(f"{self.name}: vring {index} out of range (0..{self.max_vrings - 1})")
         run = self.running
         if run is None:
-            return
+            return None
+        if vrings is not None:
+            run.setup.vrings = list(vrings)
         if enable == (index in run.queues):
-            return
+            return None
         if not self.hw.has_stop_command:
             raise VdpaError(f"{self.name}: the function cannot start or stop single queues "
                             "(no IFCVF stop command); re-negotiate instead")
@@ -680,7 +701,8 @@ class VdpaDevice:
             # ours apart for good.
             log.info("%s: vring %d %s once the %s", self.name, index, "starts" if enable else "stops",
                      "software relay hands back" if run.sw is not None else "VF restarts")
-            return
+            return None
+        state = None
         try:
             if enable:
                 vring = next((v for v in self._vrings(run) if v.index == index), None)
@@ -690,20 +712,22 @@ class VdpaDevice:
                 run.queues[index] = config
                 self.hw.set_mq(self._enabled_pairs(run))
                 self.hw.enable_queue(config)
+                run.stopped.pop(index, None)
             else:
                 state = self.hw.stop_queue(index)
                 del run.queues[index]
                 self.hw.set_mq(self._enabled_pairs(run))
-                run.dev.set_vring_base(index, state.last_avail, state.last_used)
+                run.stopped[index] = state
             self._stop_relay(run)
             self._route_msix(run)
             self._start_relay(run)
         except (HwError, HalError) as err:
             raise VdpaError(f"{self.name}: vring {index}: {err}") from None
+        return state
 
-    def set_features(self, features: int) -> None:
-        """Called for every SET_FEATURES, before it takes effect: LOG_ALL on or off
-        changes the migration mode.
+    def set_features(self, features: int, log_area: LogArea | None) -> None:
+        """Called for every SET_FEATURES (with the log as it is): LOG_ALL on or
+        off changes the migration mode.
 
         Turning logging on never fails towards QEMU, which aborts the VM when
         LOG_ALL is refused at migration start: if logging cannot be had (no
@@ -715,8 +739,10 @@ class VdpaDevice:
         want = bool(features & ids.bit(ids.Feature.LOG_ALL))
         if run is None:
             return
+        old = run.setup.features, run.setup.log
+        run.setup.features, run.setup.log = features, log_area
         if run.paused is not None:
-            if not want or run.dev.log_area() is not None:
+            if not want or run.setup.log is not None:
                 self._resume(run, logged=want)
             return
         try:
@@ -732,23 +758,32 @@ class VdpaDevice:
                 self._disable_logging(run)
         except VdpaError as err:
             if not want:
+                run.setup.features, run.setup.log = old
                 raise
             self._pause(run, f"dirty logging could not start: {err}")
 
-    def log_base_changed(self) -> None:
-        """A new SET_LOG_BASE: move the hardware (or the relay) to the new log, or
-        restart a VF that was stopped for want of one.  Logging that cannot
-        move stops the VF (QEMU reads only the new log from now on)."""
+    def set_log(self, log_area: LogArea | None, reason: str = "") -> None:
+        """A new SET_LOG_BASE: ``log_area``, or None when it was unusable (``reason``).
+
+        QEMU reads only the log it sent last.  A usable one: logging moves to
+        it, or a VF stopped for want of one restarts.  None, or logging that
+        cannot move: a VF that logs stops, so that nothing it writes escapes
+        the log."""
         run = self.running
         if run is None:
             return
+        run.setup.log = log_area
+        if log_area is None:
+            if run.paused is None and (self.logging or run.sw is not None):
+                self._pause(run, f"the new dirty log is unusable: {reason}")
+            return
         if run.paused is not None:
-            if run.dev.features & ids.bit(ids.Feature.LOG_ALL) and run.dev.log_area() is not None:
+            if run.setup.features & ids.bit(ids.Feature.LOG_ALL) and run.setup.log is not None:
                 self._resume(run, logged=True)
             return
         try:
             if run.sw is not None:
-                area = run.dev.log_area()
+                area = run.setup.log
                 for q, relay in run.sw.queues.items():
                     vring = next(v for v in self._vrings(run) if v.index == q)
                     try:
@@ -760,16 +795,6 @@ class VdpaDevice:
                 self._enable_logging(run)
         except VdpaError as err:
             self._pause(run, f"logging could not move to the new log: {err}")
-
-    def log_unusable(self, reason: str) -> None:
-        """SET_LOG_BASE was refused while the VF may be logging: QEMU reads only
-        the log it just sent, so the VF must not write guest memory until a
-        usable one comes."""
-        run = self.running
-        if run is None or run.paused is not None:
-            return
-        if self.logging or run.sw is not None:
-            self._pause(run, f"the new dirty log is unusable: {reason}")
 
     # --- stopped for want of a log --------------------------------------------------
     def _pause(self, run: Running, reason: str) -> None:
@@ -816,7 +841,7 @@ class VdpaDevice:
     # --- hardware dirty logging --------------------------------------------------------
     def _map_log(self, run: Running) -> tuple[int, int]:
         """DMA-map the log in whole pages; the (IOVA, size) of the log bytes for the VF."""
-        area = run.dev.log_area()
+        area = run.setup.log
         if area is None:
             raise VdpaError(f"{self.name}: LOG_ALL without a log (SET_LOG_BASE never came)")
         page = 4096

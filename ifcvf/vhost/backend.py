@@ -1,8 +1,11 @@
 """One vhost-user connection: the back-end state machine in front of one VF.
 
-Messages come in validated by the codec; each handler checks everything the
-front-end controls *before* changing any state, so a refused message leaves
-the connection exactly as it was.  The VF is configured (``dev_conf``) when the
+Messages come in validated by the codec; each handler (one per request, in
+the ``HANDLERS`` table) checks everything the front-end controls *before*
+changing any state, so a refused message leaves the connection exactly as it
+was.  The state machine does no socket I/O: replies, the back-end channel fd
+the front-end hands over, and the requests to send on it are all returned
+to the transport (``Outcome``, ``take_backend_requests``).  The VF is configured (``dev_conf``) when the
 device becomes ready as DPDK defines it (the first queue pair's rings have
 translated addresses, kick and call fds and are enabled; with STATUS, the
 driver set DRIVER_OK), and only after the reply to the message that made it
@@ -17,7 +20,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import socket
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -25,10 +27,10 @@ from typing import Callable
 
 from hal.memory import HostMemory
 from ifcvf import ids
-from ifcvf.dirtylog import DirtyLog, LogRangeError, log_size_for
-from ifcvf.vdpa import VdpaDevice, VdpaError, Vring
+from ifcvf.dirtylog import DirtyLog, log_size_for
+from ifcvf.vdpa import DeviceSetup, VdpaDevice, VdpaError, Vring
 from ifcvf.vhost import protocol as p
-from ifcvf.vhost.channel import Frame, close_fds, send_message
+from ifcvf.vhost.channel import Frame, close_fds
 from ifcvf.vhost.memory import GuestMemory, GuestMemoryError
 
 log = logging.getLogger("ifcvf.vhost")
@@ -36,6 +38,9 @@ log = logging.getLogger("ifcvf.vhost")
 R = p.Request
 PF = p.ProtocolFeature
 MAX_RING_SIZE = 32768
+#: What this back-end offers: the vDPA set DPDK's IFCVF driver offers.
+OFFERED_PROTOCOL = p.protocol_mask(PF.MQ, PF.LOG_SHMFD, PF.REPLY_ACK, PF.BACKEND_REQ,
+                                   PF.BACKEND_SEND_FD, PF.HOST_NOTIFIER, PF.STATUS)
 
 
 class Refused(Exception):
@@ -112,10 +117,13 @@ class LogMapping:
 
 @dataclass
 class Outcome:
-    """What the transport must do after ``handle``: send, then maybe close."""
+    """What the transport must do after ``handle``: adopt a back-end channel, send, maybe close."""
 
     replies: list[tuple[bytes, list[int]]] = field(default_factory=list)
     close: bool = False
+    #: SET_BACKEND_REQ_FD: the transport owns this socket fd from now on
+    #: (replacing any earlier channel) and sends take_backend_requests() on it.
+    backend_channel: int | None = None
 
 
 class VhostBackend:
@@ -125,7 +133,7 @@ class VhostBackend:
         self.driver = driver
         self.name = name
         self.offered_features = driver.get_features()
-        self.offered_protocol = driver.get_protocol_features()
+        self.offered_protocol = OFFERED_PROTOCOL
         if not status_feature:
             self.offered_protocol &= ~(1 << PF.STATUS)
         self.features = 0
@@ -136,9 +144,10 @@ class VhostBackend:
         self.memory: GuestMemory | None = None
         self.log_mapping: LogMapping | None = None
         self.vrings = [VringSetup(i) for i in range(driver.max_vrings)]
-        self.backend_sock: socket.socket | None = None
+        self.has_backend_channel = False
+        self._new_channel: int | None = None
         self.configured = False
-        self.pending_backend: list[tuple[bytes, list[int]]] = []
+        self._backend_requests: list[tuple[bytes, list[int]]] = []
         # config_changed runs on the VF's interrupt poller, possibly another
         # thread: it queues under this lock and wakes the transport's loop.
         self._pending_lock = threading.Lock()
@@ -146,7 +155,7 @@ class VhostBackend:
         self.broken_reason = ""
         self.stats = {"messages": 0, "refused": 0}
 
-    # --- the VhostDevice view the driver uses -------------------------------------
+    # --- what the driver is given -------------------------------------------------
     def vring_views(self) -> list[Vring]:
         out = []
         for v in self.vrings:
@@ -157,12 +166,14 @@ class VhostBackend:
                              v.last_used, v.kick_fd, v.call_fd, v.enabled))
         return out
 
-    def log_area(self):
-        return self.log_mapping
+    def _device_setup(self) -> DeviceSetup:
+        return DeviceSetup(self.features, self.memory, self.vring_views(), self.log_mapping)
 
-    def set_vring_base(self, index: int, last_avail: int, last_used: int) -> None:
-        self.vrings[index].last_avail = last_avail
-        self.vrings[index].last_used = last_used
+    def _save_states(self, states) -> None:
+        """Ring states the driver reports (stopped queues): where each vring resumes."""
+        for index, state in states.items():
+            self.vrings[index].last_avail = state.last_avail
+            self.vrings[index].last_used = state.last_used
 
     def config_changed(self) -> None:
         """The VF raised its config interrupt: tell the front-end (BACKEND_CONFIG_CHANGE).
@@ -170,20 +181,28 @@ class VhostBackend:
         Safe from any thread.  The transport's loop may be asleep waiting for
         a socket, so it is woken to send the message now.
         """
-        if self.backend_sock is None:
+        if not self.has_backend_channel:
             return
-        message = p.encode_backend_request(p.BackendRequest.CONFIG_CHANGE_MSG, need_reply=self._reply_ack)
-        with self._pending_lock:
-            self.pending_backend.append((message, []))
+        self._queue_backend_request(
+            p.encode_backend_request(p.BackendRequest.CONFIG_CHANGE_MSG, need_reply=self._reply_ack), [])
         self.wake()
 
-    def mark_dirty(self, gpa: int, length: int) -> None:
-        if self.log_mapping is None:
-            return
-        try:
-            self.log_mapping.log.mark(gpa, length)
-        except LogRangeError as err:
-            log.error("%s: cannot log %#x+%#x: %s", self.name, gpa, length, err)
+    # --- the back-end channel (the transport owns the socket) ----------------------
+    def _queue_backend_request(self, data: bytes, fds: list[int]) -> None:
+        with self._pending_lock:
+            self._backend_requests.append((data, fds))
+
+    def take_backend_requests(self) -> list[tuple[bytes, list[int]]]:
+        """The requests to send on the back-end channel, in order (each once)."""
+        with self._pending_lock:
+            out, self._backend_requests = self._backend_requests, []
+        return out
+
+    def backend_channel_lost(self) -> None:
+        """The transport's back-end channel failed or closed: stop queueing for it."""
+        self.has_backend_channel = False
+        with self._pending_lock:
+            self._backend_requests.clear()
 
     # --- message handling --------------------------------------------------------------
     @property
@@ -209,12 +228,12 @@ class VhostBackend:
             close_fds(msg.fds)
             return self._refuse(msg.request, msg.flags,
                                 f"not negotiated ({msg.spec.gate.describe()})")
-        handler = getattr(self, f"_on_{name.lower()}", None)
+        handler = HANDLERS.get(msg.request)
         if handler is None:
             close_fds(msg.fds)
             return self._refuse(msg.request, msg.flags, "not supported by this back-end")
         try:
-            body = handler(msg)
+            body = handler(self, msg)
         except Refused as err:
             close_fds(msg.fds)
             return self._refuse(msg.request, msg.flags, str(err))
@@ -223,7 +242,9 @@ class VhostBackend:
         action = p.reply_action(msg.request, msg.flags, reply_ack=self._reply_ack,
                                 log_shmfd=self._log_shmfd)
         log.debug("%s: %s handled -> %s", self.name, name, action.name)
-        return self._send(msg.request, action, body)
+        out = self._send(msg.request, action, body)
+        out.backend_channel, self._new_channel = self._new_channel, None
+        return out
 
     def _failed(self, name: str) -> Outcome:
         """A handler raised something it does not promise to raise: a bug, or a
@@ -316,7 +337,7 @@ class VhostBackend:
         if not self.device_ready():
             return
         try:
-            self.driver.dev_conf(self)
+            self.driver.dev_conf(self._device_setup(), self.config_changed)
         except VdpaError as err:
             log.error("%s: dev_conf failed: %s", self.name, err)
             return
@@ -328,11 +349,11 @@ class VhostBackend:
     def _close_device(self) -> None:
         if self.configured:
             self.configured = False
-            self.driver.dev_close()
+            self._save_states(self.driver.dev_close())
 
     def _offer_host_notifiers(self) -> None:
         need = (1 << PF.BACKEND_REQ) | (1 << PF.BACKEND_SEND_FD) | (1 << PF.HOST_NOTIFIER)
-        if (self.backend_sock is None or self.protocol_features & need != need
+        if (not self.has_backend_channel or self.protocol_features & need != need
                 or not self.features >> ids.Feature.VERSION_1 & 1):
             return
         for v in self.vrings:
@@ -342,38 +363,8 @@ class VhostBackend:
             if area is None:
                 continue
             payload = p.VringArea(v.index, size=area.size, offset=area.offset)
-            self.pending_backend.append((p.encode_backend_request(
-                p.BackendRequest.VRING_HOST_NOTIFIER_MSG, payload, need_reply=self._reply_ack), [area.fd]))
-
-    def flush_backend(self) -> None:
-        """Send queued back-end -> front-end requests; their acks are read by ``poll_backend``."""
-        while self.backend_sock is not None:
-            with self._pending_lock:
-                if not self.pending_backend:
-                    return
-                data, fds = self.pending_backend.pop(0)
-            try:
-                send_message(self.backend_sock, data, fds)
-            except OSError as err:
-                log.warning("%s: back-end channel failed: %s", self.name, err)
-                self.backend_sock.close()
-                self.backend_sock = None
-                with self._pending_lock:
-                    self.pending_backend.clear()
-
-    def poll_backend(self) -> None:
-        """Read whatever acks the front-end sent on the back-end channel (non-blocking)."""
-        if self.backend_sock is None:
-            return
-        try:
-            data = self.backend_sock.recv(4096, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.backend_sock.close()
-            self.backend_sock = None
+            self._queue_backend_request(p.encode_backend_request(
+                p.BackendRequest.VRING_HOST_NOTIFIER_MSG, payload, need_reply=self._reply_ack), [area.fd])
 
     # --- handlers: negotiation -------------------------------------------------------
     def _on_get_features(self, msg):
@@ -390,7 +381,7 @@ class VhostBackend:
         # LOG_ALL is refused at migration start, so the driver stops the VF
         # instead until a usable log comes (VdpaDevice.set_features).
         try:
-            self.driver.set_features(features)  # changes nothing when it fails
+            self.driver.set_features(features, self.log_mapping)  # changes nothing when it fails
         except VdpaError as err:
             raise Refused(str(err)) from None
         self.features = features
@@ -426,12 +417,15 @@ class VhostBackend:
     def _on_set_backend_req_fd(self, msg):
         fd = msg.fds[0]
         try:
-            sock = socket.socket(fileno=fd)
+            mode = os.fstat(fd).st_mode
         except OSError as err:
-            raise Refused(f"the back-end channel fd is not a socket: {err}") from None
-        if self.backend_sock is not None:
-            self.backend_sock.close()
-        self.backend_sock = sock
+            raise Refused(f"the back-end channel fd is not usable: {err}") from None
+        if not stat.S_ISSOCK(mode):
+            raise Refused(f"the back-end channel fd is not a socket (mode {mode:o})")
+        if self._new_channel is not None:
+            os.close(self._new_channel)
+        self._new_channel = fd          # handed to the transport with this reply
+        self.has_backend_channel = True
         return None
 
     def _on_set_status(self, msg):
@@ -508,10 +502,7 @@ class VhostBackend:
             raise Refused(f"cannot map the log of {size} bytes at offset {offset}: {err}") from None
         os.close(msg.fds[0])  # the mapping holds its own duplicate
         old, self.log_mapping = self.log_mapping, mapping
-        try:
-            self.driver.log_base_changed()
-        except VdpaError as err:
-            log.error("%s: moving logging to the new log: %s", self.name, err)
+        self.driver.set_log(mapping)
         if old is not None:
             old.close()
         log.info("%s: dirty log of %d bytes mapped", self.name, size)
@@ -520,10 +511,10 @@ class VhostBackend:
     def _forget_log(self, reason: str) -> None:
         """A refused SET_LOG_BASE: QEMU ignores the reply and from now on reads
         only the log it just sent, so the old one must not receive a single
-        mark more.  The driver stops a VF that logs (VdpaDevice.log_unusable),
+        mark more.  The driver stops a VF that logs (VdpaDevice.set_log(None)),
         and with no log a later LOG_ALL keeps the VF stopped until a usable
         log comes: the guest loses its network, never a dirty page."""
-        self.driver.log_unusable(reason)
+        self.driver.set_log(None, reason)
         old, self.log_mapping = self.log_mapping, None
         if old is not None:
             old.close()
@@ -640,7 +631,7 @@ class VhostBackend:
         if not self._runs(v):
             return
         try:
-            self.driver.vring_fds_changed(self)
+            self.driver.vring_fds_changed(self.vring_views())
         except VdpaError as err:
             log.error("%s: vring %d: %s", self.name, v.index, err)
 
@@ -651,7 +642,7 @@ class VhostBackend:
         for v in self.vrings:
             if v.enabled and self._ready(v) and not self._runs(v):
                 try:
-                    self.driver.set_vring_state(v.index, True)
+                    self.driver.set_vring_state(v.index, True, self.vring_views())
                 except VdpaError as err:
                     log.error("%s: vring %d: %s", self.name, v.index, err)
 
@@ -659,10 +650,13 @@ class VhostBackend:
         v = self._vring(msg.payload.index)
         enable = bool(msg.payload.num)
         if self.configured and enable != self._runs(v) and (self._ready(v, if_enabled=True) or not enable):
+            views = [w if w.index != v.index else _with_enabled(w, enable) for w in self.vring_views()]
             try:
-                self.driver.set_vring_state(v.index, enable)
+                state = self.driver.set_vring_state(v.index, enable, views)
             except VdpaError as err:
                 raise Refused(str(err)) from None
+            if state is not None:
+                self._save_states({v.index: state})
         v.enabled = enable
         return None
 
@@ -678,6 +672,39 @@ class VhostBackend:
         if self.log_mapping is not None:
             self.log_mapping.close()
             self.log_mapping = None
-        if self.backend_sock is not None:
-            self.backend_sock.close()
-            self.backend_sock = None
+        if self._new_channel is not None:
+            os.close(self._new_channel)
+            self._new_channel = None
+        self.backend_channel_lost()
+
+
+def _with_enabled(v: Vring, enabled: bool) -> Vring:
+    return Vring(v.index, v.size, v.desc, v.avail, v.used, v.log_gpa, v.last_avail, v.last_used,
+                 v.kick_fd, v.call_fd, enabled)
+
+
+#: Request -> handler: every request this back-end serves (the rest are refused).
+HANDLERS: dict[p.Request, Callable[[VhostBackend, p.Message], object]] = {
+    R.GET_FEATURES: VhostBackend._on_get_features,
+    R.SET_FEATURES: VhostBackend._on_set_features,
+    R.GET_PROTOCOL_FEATURES: VhostBackend._on_get_protocol_features,
+    R.SET_PROTOCOL_FEATURES: VhostBackend._on_set_protocol_features,
+    R.GET_QUEUE_NUM: VhostBackend._on_get_queue_num,
+    R.SET_OWNER: VhostBackend._on_set_owner,
+    R.RESET_OWNER: VhostBackend._on_reset_owner,
+    R.SET_BACKEND_REQ_FD: VhostBackend._on_set_backend_req_fd,
+    R.SET_STATUS: VhostBackend._on_set_status,
+    R.GET_STATUS: VhostBackend._on_get_status,
+    R.SEND_RARP: VhostBackend._on_send_rarp,
+    R.SET_MEM_TABLE: VhostBackend._on_set_mem_table,
+    R.SET_LOG_BASE: VhostBackend._on_set_log_base,
+    R.SET_LOG_FD: VhostBackend._on_set_log_fd,
+    R.SET_VRING_NUM: VhostBackend._on_set_vring_num,
+    R.SET_VRING_ADDR: VhostBackend._on_set_vring_addr,
+    R.SET_VRING_BASE: VhostBackend._on_set_vring_base,
+    R.GET_VRING_BASE: VhostBackend._on_get_vring_base,
+    R.SET_VRING_KICK: VhostBackend._on_set_vring_kick,
+    R.SET_VRING_CALL: VhostBackend._on_set_vring_call,
+    R.SET_VRING_ERR: VhostBackend._on_set_vring_err,
+    R.SET_VRING_ENABLE: VhostBackend._on_set_vring_enable,
+}

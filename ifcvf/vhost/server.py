@@ -57,7 +57,7 @@ class Connection:
     backend: VhostBackend
     reader: MessageReader = field(default_factory=MessageReader)
     name: str = ""
-    backend_registered: socket.socket | None = None  # its back-end channel, as selected
+    channel: socket.socket | None = None  # the back-end channel (SET_BACKEND_REQ_FD)
 
 
 class VhostServer:
@@ -187,8 +187,6 @@ class VhostServer:
     def poll_once(self, timeout: float | None = 0) -> int:
         """Handle everything pending (waiting up to ``timeout`` s for something); returns frames handled."""
         handled = 0
-        for conn in list(self.connections):
-            self._guarded(conn, "watching its back-end channel", self._watch_backend_channel, conn)
         for key, _ in self.selector.select(timeout):
             kind, obj = key.data
             if kind == "wake":
@@ -200,9 +198,9 @@ class VhostServer:
             elif kind == "conn":
                 handled += self._service(obj)
             elif kind == "backend":
-                self._guarded(obj, "reading its back-end channel", obj.backend.poll_backend)
+                self._guarded(obj, "reading its back-end channel", self._read_channel, obj)
         for conn in list(self.connections):
-            self._guarded(conn, "sending on its back-end channel", conn.backend.flush_backend)
+            self._guarded(conn, "sending on its back-end channel", self._send_backend_requests, conn)
         now = time.monotonic()
         for ep in self.endpoints:
             if ep.client and ep.conn is None and not self.stopping and now >= ep.next_connect:
@@ -239,19 +237,51 @@ class VhostServer:
             ep.next_connect = time.monotonic() + RECONNECT_S
             log.error("%s: connecting failed (retrying)", ep.path, exc_info=True)
 
-    def _watch_backend_channel(self, conn: Connection) -> None:
-        sock = conn.backend.backend_sock
-        registered = conn.backend_registered
-        if sock is registered:
+    # --- the back-end channel: requests from the back-end to the front-end -------
+    def _adopt_channel(self, conn: Connection, fd: int) -> None:
+        """SET_BACKEND_REQ_FD: this socket replaces the connection's channel."""
+        self._close_channel(conn)
+        conn.channel = socket.socket(fileno=fd)
+        conn.channel.setblocking(False)
+        self.selector.register(conn.channel, selectors.EVENT_READ, ("backend", conn))
+
+    def _close_channel(self, conn: Connection) -> None:
+        if conn.channel is None:
             return
-        if registered is not None:
+        try:
+            self.selector.unregister(conn.channel)
+        except (KeyError, ValueError):
+            pass
+        conn.channel.close()
+        conn.channel = None
+
+    def _send_backend_requests(self, conn: Connection) -> None:
+        requests = conn.backend.take_backend_requests()
+        if conn.channel is None:
+            return
+        for data, fds in requests:
             try:
-                self.selector.unregister(registered)
-            except (KeyError, ValueError):
-                pass
-        if sock is not None:
-            self.selector.register(sock, selectors.EVENT_READ, ("backend", conn))
-        conn.backend_registered = sock
+                send_message(conn.channel, data, fds)
+            except OSError as err:
+                log.warning("%s: back-end channel failed: %s", conn.name, err)
+                self._lose_channel(conn)
+                return
+
+    def _read_channel(self, conn: Connection) -> None:
+        """The front-end's acks to our requests: nothing waits on them, so they
+        are read and dropped; end of stream or an error ends the channel."""
+        try:
+            data = conn.channel.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lose_channel(conn)
+
+    def _lose_channel(self, conn: Connection) -> None:
+        self._close_channel(conn)
+        conn.backend.backend_channel_lost()
 
     def _accept(self, ep: Endpoint) -> None:
         try:
@@ -307,11 +337,13 @@ class VhostServer:
         except OSError as err:
             self._drop(conn, f"cannot reply: {err}")
             return False
+        if outcome.backend_channel is not None:
+            self._adopt_channel(conn, outcome.backend_channel)
         if outcome.close:
             self._drop(conn, f"closing: {conn.backend.broken_reason}")
             return False
         conn.backend.after_reply()
-        conn.backend.flush_backend()
+        self._send_backend_requests(conn)
         return True
 
     def _drop(self, conn: Connection, why: str) -> None:
@@ -327,7 +359,7 @@ class VhostServer:
             conn.endpoint.conn = None
             conn.endpoint.next_connect = time.monotonic() + RECONNECT_S
         conn.backend.wake = lambda: None  # its interrupt poller may outlive this server
-        self._watch_backend_channel_off(conn)
+        self._close_channel(conn)
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -339,14 +371,6 @@ class VhostServer:
         except Exception:
             log.error("%s: closing its back-end failed; the connection is gone anyway",
                       conn.name, exc_info=True)
-
-    def _watch_backend_channel_off(self, conn: Connection) -> None:
-        if conn.backend_registered is not None:
-            try:
-                self.selector.unregister(conn.backend_registered)
-            except (KeyError, ValueError):
-                pass
-            conn.backend_registered = None
 
     def close(self) -> None:
         for conn in list(self.connections):

@@ -42,7 +42,7 @@ from hal.vfio import VfioFunction
 from ifcvf import ids
 from ifcvf.devargs import parse
 from ifcvf.dirtylog import DirtyLog, log_size_for
-from ifcvf.vdpa import ProbeError, VdpaDevice, Vring
+from ifcvf.vdpa import DeviceSetup, ProbeError, VdpaDevice, Vring
 from ifcvf.vhost.memory import GuestMemory, Region
 
 MiB = 1 << 20
@@ -172,26 +172,25 @@ class FakeVhost:
             self.log = LogArea(log_mem, 0, size, DirtyLog(log_mem.view[:size]))
         self.bases: list[tuple[int, int, int]] = []
         self.config_changes = 0
-        self.marked: list[tuple[int, int]] = []
 
-    # --- the VhostDevice protocol ------------------------------------------------------
-    def vring_views(self) -> list[Vring]:
-        return [Vring(i, r.size, r.desc, r.avail, r.used, r.used, 0, 0, self.kick[i], self.call[i], True)
-                for i, r in enumerate((self.rx, self.tx))]
+    # --- what a back-end gives the driver, and takes back -------------------------------
+    def setup(self) -> DeviceSetup:
+        vrings = [Vring(i, r.size, r.desc, r.avail, r.used, r.used, 0, 0, self.kick[i], self.call[i], True)
+                  for i, r in enumerate((self.rx, self.tx))]
+        return DeviceSetup(self.features, self.memory, vrings, self.log)
 
-    def log_area(self):
-        return self.log
-
-    def set_vring_base(self, index: int, last_avail: int, last_used: int) -> None:
-        self.bases.append((index, last_avail, last_used))
+    def save_bases(self, states) -> None:
+        self.bases = [(index, s.last_avail, s.last_used) for index, s in sorted(states.items())]
 
     def config_changed(self) -> None:
         self.config_changes += 1
 
-    def mark_dirty(self, gpa: int, length: int) -> None:
-        self.marked.append((gpa, length))
-        if self.log is not None:
-            self.log.log.mark(gpa, length)
+    def used_rings_logged(self) -> list[int]:
+        """The guest used rings whose page is marked in the log."""
+        if self.log is None:
+            return []
+        pages = set(self.log.log.dirty_pages())
+        return [r.used for r in (self.rx, self.tx) if r.used >> 12 in pages]
 
     # --- the guest driver's part ------------------------------------------------------------
     def post_rx_buffers(self) -> list[dict]:
@@ -359,7 +358,7 @@ def run_phase(out: dict, ctx: dict, phase: str, token: str, rx_frames: int, *, l
         out["negotiated"] = features
         out["rx_posted"] = guest.post_rx_buffers()
         rec.phase = f"{phase}:dev_conf"
-        vdpa.dev_conf(guest)
+        vdpa.dev_conf(guest.setup(), guest.config_changed)
         run = vdpa.running
         rec.phase = f"{phase}:running"
         out["mode"] = vdpa.mode
@@ -398,14 +397,14 @@ def run_phase(out: dict, ctx: dict, phase: str, token: str, rx_frames: int, *, l
         out["status_before_close"] = vdpa.hw.status()
     finally:
         rec.phase = f"{phase}:dev_close"
-        vdpa.dev_close()
+        guest.save_bases(vdpa.dev_close())
         rec.phase = "idle"
         out["mode_after_close"] = vdpa.mode
         out["bases"] = guest.bases
         out["used_at_close"] = {"0": guest.rx.used_idx(), "1": guest.tx.used_idx()}
         out["dma_mappings_after_close"] = sorted([i, s] for i, s in fn.dma_mappings().items())
         out["status_after_close"] = vdpa.hw.status()
-        out["marked_at_close"] = guest.marked
+        out["used_rings_logged_at_close"] = guest.used_rings_logged()
         if logging:
             out["dirty_pages_closed"] = guest.log.log.dirty_pages()
         out["config_changes"] = guest.config_changes

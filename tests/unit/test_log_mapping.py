@@ -12,6 +12,7 @@ import os
 import pytest
 
 from hal.memory import PAGE_SIZE, HostMemory
+from ifcvf.dirtylog import LogRangeError
 from ifcvf.runs.stack import SimHost, Vm, cable, steer_by_flow
 from ifcvf.vhost import protocol as p
 from sim.config import IfcvfConfig
@@ -100,11 +101,12 @@ def test_any_multiple_of_8_bytes_is_mapped(host, ram, size, offset):
         assert len(mapping.memory.view[start:end]) == end - start
         # ...and the log itself is the front-end's bytes at ``offset``.
         last_page = size * 8 - 1
-        vf.backend.mark_dirty(last_page * 4096, 1)
+        mapping.log.mark(last_page * 4096, 1)
         assert os.pread(fd, 1, offset + size - 1) == b"\x80"
         # Nothing past the log is written through it: a mark beyond is refused.
         tail = bytes(mapping.memory.view[mapping.offset + size:])
-        vf.backend.mark_dirty((last_page + 1) * 4096, 1)
+        with pytest.raises(LogRangeError):
+            mapping.log.mark((last_page + 1) * 4096, 1)
         assert bytes(mapping.memory.view[mapping.offset + size:]) == tail
         assert fe.get_u64(p.Request.GET_FEATURES) == fe.features
     finally:

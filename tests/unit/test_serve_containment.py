@@ -17,7 +17,7 @@ from hal.memory import HostMemory
 from ifcvf.runs.bringup import GUEST_FEATURES, split_ring_layout
 from ifcvf.runs.stack import SimHost
 from ifcvf.vhost import protocol as p
-from ifcvf.vhost.backend import VhostBackend
+from ifcvf.vhost.backend import HANDLERS, VhostBackend
 from ifcvf.vhost.channel import MessageReader, send_message
 from ifcvf.vhost.server import VhostServer
 from sim.config import IfcvfConfig
@@ -80,7 +80,7 @@ def assert_logged_with_traceback(caplog, name: str) -> None:
 def test_an_unexpected_exception_in_a_handler_costs_only_its_connection(host, ram, caplog, monkeypatch, error):
     victim_vf, victim = running_vf(host, ram, "victim")
     other_vf, other = running_vf(host, ram, "other")
-    monkeypatch.setattr(victim_vf.backend, "_on_set_log_base", raiser(error))
+    monkeypatch.setitem(HANDLERS, R.SET_LOG_BASE, raiser(error))
     log = HostMemory(4096, "log")
     try:
         with caplog.at_level(logging.ERROR):
@@ -101,7 +101,7 @@ def test_a_handler_failing_while_the_vf_logs_costs_only_its_connection(host, ram
     """The issue's path: SET_VRING_ADDR(LOG) at migration start raising unexpectedly."""
     victim_vf, victim = running_vf(host, ram, "victim")
     other_vf, other = running_vf(host, ram, "other")
-    monkeypatch.setattr(VhostBackend, "_on_set_vring_addr", raiser(RuntimeError("injected")))
+    monkeypatch.setitem(HANDLERS, R.SET_VRING_ADDR, raiser(RuntimeError("injected")))
     with caplog.at_level(logging.ERROR):
         raw_addr = p.VringAddr(0, p.VRING_F_LOG, ram.address, ram.address + 8192, ram.address + 4096, 0)
         send_message(victim.sock, p.encode_request(R.SET_VRING_ADDR, raw_addr, need_reply=True))
@@ -115,7 +115,7 @@ def test_a_handler_failing_while_the_vf_logs_costs_only_its_connection(host, ram
 def test_handle_turns_an_unexpected_exception_into_closing_without_a_reply(host, ram, monkeypatch):
     vf = host.add_vf(IfcvfConfig(queue_pairs=1))
     backend = VhostBackend(vf.driver, name="direct")
-    monkeypatch.setattr(backend, "_on_get_features", raiser(RuntimeError("injected")))
+    monkeypatch.setitem(HANDLERS, R.GET_FEATURES, raiser(RuntimeError("injected")))
     frames = MessageReader().feed(p.encode_request(R.GET_FEATURES))
     outcome = backend.handle(frames[0])
     assert outcome.close and outcome.replies == []
@@ -123,14 +123,15 @@ def test_handle_turns_an_unexpected_exception_into_closing_without_a_reply(host,
     backend.close()
 
 
-@pytest.mark.parametrize("where", ["after_reply", "flush_backend", "poll_backend"])
+@pytest.mark.parametrize("where", ["after_reply", "take_backend_requests", "backend_channel_lost"])
 def test_failures_after_the_reply_cost_only_their_connection(host, ram, caplog, monkeypatch, where):
     victim_vf, victim = running_vf(host, ram, "victim")
     other_vf, other = running_vf(host, ram, "other")
     monkeypatch.setattr(victim_vf.backend, where, raiser(RuntimeError("injected")))
     with caplog.at_level(logging.ERROR):
-        if where == "poll_backend":
-            victim.backend_channel.sendall(b"x")      # something to read on its back-end channel
+        if where == "backend_channel_lost":
+            victim.backend_channel.close()            # the front-end ends its back-end channel
+            victim.backend_channel = None
             host.pump()
         else:
             victim.get_u64(R.GET_FEATURES)            # the reply goes out, then the failure
