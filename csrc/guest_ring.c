@@ -13,9 +13,12 @@
  *   2   u16 last_used    next used ring entry to consume
  *   4   u16 free_head    free-running index of the next free buffer to take
  *   6   u16 free_tail    free-running index where the next freed buffer goes
- *   8   u16 cb_enabled   1 while the driver wants used-buffer interrupts
+ *   8   u16 cb_enabled   0 while the shadow VRING_AVAIL_F_NO_INTERRUPT bit is set
+ *                        (Linux: vq->split.avail_flags_shadow), 1 otherwise
  *   10  u16 nslots       for sanity checks after a migration
- *   12  u32 reserved
+ *   12  u16 event_triggered  Linux vq->event_triggered: set by vring_interrupt
+ *                        with EVENT_IDX, cleared by the enable_cb variants
+ *   14  u16 reserved
  *   16  u16 free[nslots] ring of free buffer numbers
  *   ..  u8  state[nslots] 1 while the device holds the buffer
  *
@@ -44,7 +47,8 @@ struct priv {
     uint16_t free_tail;
     uint16_t cb_enabled;
     uint16_t nslots;
-    uint32_t reserved;
+    uint16_t event_triggered;
+    uint16_t reserved;
     uint16_t free[];
 };
 
@@ -156,7 +160,7 @@ int ifc_gvq_rebase(ifc_gvq *q, uint16_t idx)
     pv->avail_idx = pv->last_used = idx;
     store16(AVAIL_IDX(q), idx);
     store16(USED_IDX(q), idx);
-    store16(USED_EVENT(q), pv->cb_enabled ? idx : (uint16_t)(idx - 1));
+    store16(USED_EVENT(q), pv->cb_enabled ? idx : 0);
     q->kick_old = idx;
     return IFC_OK;
 }
@@ -169,10 +173,17 @@ static inline void put_free(const ifc_gvq *q, struct priv *pv, uint32_t slot)
 
 static inline void trail_used_event(ifc_gvq *q, struct priv *pv)
 {
-    /* Interrupts off under EVENT_IDX: keep used_event just behind what was
-     * consumed, so the device's used idx never crosses it. */
-    if (!pv->cb_enabled && (q->flags & IFC_GVQ_F_EVENT_IDX))
-        store16(USED_EVENT(q), (uint16_t)(pv->last_used - 1));
+    /* virtqueue_get_buf_ctx_split (virtio_ring.c 787-843): after each buffer,
+     * while the shadow NO_INTERRUPT bit is clear, used_event = last_used_idx
+     * (virtio_store_mb).  A poll entered from an interrupt skipped the
+     * disable (event_triggered), so used_event follows consumption and the
+     * device may interrupt again during the poll; a poll entered any other
+     * way leaves used_event where virtqueue_disable_cb put it (0).  One
+     * store per batch: the batch is one instant of simulated time. */
+    if (pv->cb_enabled && (q->flags & IFC_GVQ_F_EVENT_IDX)) {
+        store16(USED_EVENT(q), pv->last_used);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
 }
 
 static inline uint16_t used_ahead(ifc_gvq *q, struct priv *pv, int64_t *err)
@@ -417,30 +428,114 @@ int ifc_gvq_publish(ifc_gvq *q)
     return need;
 }
 
-int ifc_gvq_enable_cb(ifc_gvq *q, uint32_t delay)
-{
-    if (q == NULL || q->error)
-        return 0;
-    struct priv *pv = PRIV(q);
-    pv->cb_enabled = 1;
-    if (q->flags & IFC_GVQ_F_EVENT_IDX)
-        store16(USED_EVENT(q), (uint16_t)(pv->last_used + delay));
-    else
-        store16(AVAIL_FLAGS(q), 0);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return (uint16_t)(load16(USED_IDX(q)) - pv->last_used) > delay;
-}
-
 void ifc_gvq_disable_cb(ifc_gvq *q)
 {
+    /* virtqueue_disable_cb (virtio_ring.c 2308-2322 -> split 845-859): a
+     * no-op while event_triggered is set; otherwise, if the shadow flag lacks
+     * NO_INTERRUPT, set it and, with EVENT_IDX, write used_event = 0 ("a
+     * hack": avail->flags untouched), else avail->flags = NO_INTERRUPT.
+     * Plain stores, no barrier. */
     if (q == NULL)
         return;
     struct priv *pv = PRIV(q);
+    if (pv->event_triggered || !pv->cb_enabled)
+        return;
     pv->cb_enabled = 0;
     if (q->flags & IFC_GVQ_F_EVENT_IDX)
-        store16(USED_EVENT(q), (uint16_t)(pv->last_used - 1));
+        __atomic_store_n(USED_EVENT(q), 0, __ATOMIC_RELAXED);
     else
-        store16(AVAIL_FLAGS(q), VRING_AVAIL_F_NO_INTERRUPT);
+        __atomic_store_n(AVAIL_FLAGS(q), VRING_AVAIL_F_NO_INTERRUPT, __ATOMIC_RELAXED);
+}
+
+static void clear_shadow(ifc_gvq *q, struct priv *pv)
+{
+    if (!pv->cb_enabled) {
+        pv->cb_enabled = 1;
+        if (!(q->flags & IFC_GVQ_F_EVENT_IDX))
+            __atomic_store_n(AVAIL_FLAGS(q), 0, __ATOMIC_RELAXED);
+    }
+}
+
+int ifc_gvq_enable_cb_prepare(ifc_gvq *q)
+{
+    /* virtqueue_enable_cb_prepare (2337-2346 -> split 861-884): clear
+     * event_triggered and the shadow bit (avail->flags written only without
+     * EVENT_IDX), always used_event = last_used_idx as a plain store (the
+     * barrier comes in virtqueue_poll); returns that index. */
+    if (q == NULL || q->error)
+        return -1;
+    struct priv *pv = PRIV(q);
+    pv->event_triggered = 0;
+    clear_shadow(q, pv);
+    __atomic_store_n(USED_EVENT(q), pv->last_used, __ATOMIC_RELAXED);
+    return pv->last_used;
+}
+
+int ifc_gvq_poll(ifc_gvq *q, uint16_t opaque)
+{
+    /* virtqueue_poll (2358-2368): virtio_mb, then used->idx != opaque. */
+    if (q == NULL || q->error)
+        return 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return load16(USED_IDX(q)) != opaque;
+}
+
+int ifc_gvq_enable_cb_delayed(ifc_gvq *q)
+{
+    /* virtqueue_enable_cb_delayed (-> split 894-928): clear event_triggered
+     * and the shadow bit, bufs = (avail_idx_shadow - last_used) * 3/4,
+     * used_event = last_used + bufs (virtio_store_mb); false (0) when more
+     * than bufs entries are already used. */
+    if (q == NULL || q->error)
+        return 1;
+    struct priv *pv = PRIV(q);
+    pv->event_triggered = 0;
+    clear_shadow(q, pv);
+    uint16_t bufs = (uint16_t)((uint16_t)(pv->avail_idx - pv->last_used) * 3 / 4);
+    store16(USED_EVENT(q), (uint16_t)(pv->last_used + bufs));
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return (uint16_t)(load16(USED_IDX(q)) - pv->last_used) > bufs ? 0 : 1;
+}
+
+int ifc_gvq_interrupt(ifc_gvq *q)
+{
+    /* vring_interrupt (2445-2473), the ring part: IRQ_NONE (0) when
+     * !more_used (last_used_idx == used->idx); with EVENT_IDX set
+     * event_triggered; 1: the caller runs the queue's callback. */
+    if (q == NULL || q->error)
+        return 0;
+    struct priv *pv = PRIV(q);
+    if (load16(USED_IDX(q)) == pv->last_used)
+        return 0;
+    if (q->flags & IFC_GVQ_F_EVENT_IDX)
+        pv->event_triggered = 1;
+    return 1;
+}
+
+int ifc_gvq_napi_complete(ifc_gvq *q, int complete_done)
+{
+    /* virtqueue_napi_complete (virtio_net.c 395-407): enable_cb_prepare;
+     * napi_complete_done true -> virtqueue_poll re-check, and on a hit
+     * virtqueue_napi_schedule (napi_schedule_prep succeeds: the state was
+     * just cleared), whose disable_cb now really runs (event_triggered was
+     * cleared); napi_complete_done false (NAPIF_STATE_MISSED: NAPI polls
+     * again by itself) -> virtqueue_disable_cb.  1: poll again. */
+    int opaque = ifc_gvq_enable_cb_prepare(q);
+    if (opaque < 0)
+        return 0;
+    if (complete_done) {
+        if (!ifc_gvq_poll(q, (uint16_t)opaque))
+            return 0;
+    }
+    ifc_gvq_disable_cb(q);
+    return 1;
+}
+
+uint32_t ifc_gvq_num_free(const ifc_gvq *q)
+{
+    if (q == NULL)
+        return 0;
+    return num_free(PRIV(q));
 }
 
 uint32_t ifc_gvq_pending(const ifc_gvq *q)
@@ -463,24 +558,26 @@ uint32_t ifc_gvq_in_flight(const ifc_gvq *q)
 int64_t ifc_gvq_rx_poll(ifc_gvq *q, uint32_t budget, ifc_checker *ck, ifc_check_stats *st,
                         uint32_t refill_max, int64_t *refilled)
 {
+    /* virtnet_receive (virtio_net.c 1542-1587): up to budget packets (a
+     * mergeable frame is one packet however many buffers it spans), then
+     * refill only if num_free > min(budget, ring size) / 2: try_fill_recv
+     * (1446-1473) adds buffers until none is free or an allocation fails
+     * (refill_max: how many allocations succeed).  q->refill_wanted says
+     * whether the refill ran (the free count then), so the caller can tell
+     * a failed allocation (refilled < refill_wanted: refill_work follows). */
     if (refilled)
         *refilled = 0;
+    if (q != NULL)
+        q->refill_wanted = 0;
     int64_t n = ifc_gvq_rx(q, budget, ck, st);
     if (n < 0)
         return n;
-    int64_t r = ifc_gvq_refill(q, refill_max);
-    if (refilled)
-        *refilled = r;
-    return n;
-}
-
-int ifc_gvq_rx_rearm(ifc_gvq *q, int64_t n, uint32_t budget)
-{
-    if (n >= (int64_t)budget && ifc_gvq_pending(q))
-        return 1;                   /* a full budget with more behind it: poll again */
-    if (ifc_gvq_enable_cb(q, 0)) {
-        ifc_gvq_disable_cb(q);      /* used entries slipped in before the re-enable */
-        return 1;
+    uint32_t nf = num_free(PRIV(q)), lim = budget < q->size ? budget : q->size;
+    if (nf > lim / 2) {
+        q->refill_wanted = nf;
+        int64_t r = ifc_gvq_refill(q, refill_max);
+        if (refilled)
+            *refilled = r;
     }
-    return 0;
+    return n;
 }

@@ -153,6 +153,8 @@ typedef struct ifc_gvq {
     uint16_t kick_old;           /* avail idx at the last kick decision */
     uint16_t reserved;
     uint32_t last_entries;       /* used entries the last ifc_gvq_rx consumed */
+    uint32_t refill_wanted;      /* free buffers when the last rx_poll refilled, 0: it did not */
+    uint32_t reserved2;
     uint64_t completed;          /* used entries consumed, all time */
     uint64_t made_available;     /* chains posted, all time */
 } ifc_gvq;
@@ -177,23 +179,39 @@ int64_t ifc_gvq_tx_reclaim(ifc_gvq *q);
 int64_t ifc_gvq_tx_post(ifc_gvq *q, uint32_t max, ifc_stream *s);
 /* Publish the shadow avail index; 1 when the device asked to be kicked for it. */
 int ifc_gvq_publish(ifc_gvq *q);
-/* Ask for an interrupt once more than delay further used entries exist;
- * 1 when that is already so (the caller polls again instead of sleeping). */
-int ifc_gvq_enable_cb(ifc_gvq *q, uint32_t delay);
+/* Linux 6.1 virtio_ring, where interrupts are decided (facts in
+ * ../shared/reference/linux-virtio-net.md A.1-A.3; csrc/guest_ring.c names
+ * the functions).  virtqueue_disable_cb: no-op while event_triggered; else
+ * sets the shadow NO_INTERRUPT bit (if clear) and writes used_event = 0
+ * (EVENT_IDX) or avail->flags = NO_INTERRUPT. */
 void ifc_gvq_disable_cb(ifc_gvq *q);
+/* virtqueue_enable_cb_prepare: clears event_triggered and the shadow bit,
+ * used_event = last_used (plain store); returns last_used (-1: broken). */
+int ifc_gvq_enable_cb_prepare(ifc_gvq *q);
+/* virtqueue_poll: full barrier, then 1 if used->idx != opaque. */
+int ifc_gvq_poll(ifc_gvq *q, uint16_t opaque);
+/* virtqueue_enable_cb_delayed: used_event = last_used + 3/4 of the chains
+ * outstanding; 0 (false) when more than that are already used. */
+int ifc_gvq_enable_cb_delayed(ifc_gvq *q);
+/* vring_interrupt, the ring part: 0 (IRQ_NONE) when no new used entry;
+ * else sets event_triggered with EVENT_IDX and returns 1. */
+int ifc_gvq_interrupt(ifc_gvq *q);
+/* virtqueue_napi_complete: enable_cb_prepare, then (complete_done) the
+ * virtqueue_poll re-check, or (!complete_done: NAPIF_STATE_MISSED)
+ * disable_cb.  1 when NAPI polls again (the disable then really ran). */
+int ifc_gvq_napi_complete(ifc_gvq *q, int complete_done);
+/* Buffers the driver holds (not posted to the device). */
+uint32_t ifc_gvq_num_free(const ifc_gvq *q);
 /* Used entries the device published that the guest has not consumed. */
 uint32_t ifc_gvq_pending(const ifc_gvq *q);
 /* Chains the guest posted that the device has not completed (buffers in flight). */
 uint32_t ifc_gvq_in_flight(const ifc_gvq *q);
-/* ifc_gvq_rx, then (unless it failed) ifc_gvq_refill(q, refill_max) with its
- * result in *refilled (0 when not called).  Returns what ifc_gvq_rx did. */
+/* virtnet_receive: ifc_gvq_rx, then (unless it failed) the refill only if
+ * num_free > min(budget, size) / 2: ifc_gvq_refill(q, refill_max) with its
+ * result in *refilled (0 when not called); q->refill_wanted = the free count
+ * when it ran, else 0.  Returns what ifc_gvq_rx did. */
 int64_t ifc_gvq_rx_poll(ifc_gvq *q, uint32_t budget, ifc_checker *ck, ifc_check_stats *st,
                         uint32_t refill_max, int64_t *refilled);
-/* The end of a NAPI poll that took n frames of a budget: if it was not a full
- * budget with entries still pending, re-enable interrupts and look once more
- * (disabling them again when something slipped in).  1 when the queue must be
- * polled again, 0 when it now waits for an interrupt. */
-int ifc_gvq_rx_rearm(ifc_gvq *q, int64_t n, uint32_t budget);
 
 /* ------------------------------------------------------------------------
  * Guest memory table (csrc/memtable.c)
@@ -275,6 +293,10 @@ int ifc_mem_table_check(const struct ifc_mem_table *mem);
  *     Whether or not entries were relayed, the guest used->flags and (with
  *     EVENT_IDX) avail_event follow the mediated ones (logged like the
  *     used ring when they change): the device moves them without completing.
+ *     res->kick: the device asked to be kicked (a new avail_event, or
+ *     NO_NOTIFY cleared) while the guest, deciding from the stale copy,
+ *     has already published past that point (avail->idx, read after a full
+ *     fence): the guest will not kick, so the caller kicks for it.
  *     res->more: mediated used->idx (re-read) != last, i.e. call again.
  *     res->poll: NONE when the device holds no guest buffer (avail->idx ==
  *     mediated used->idx; a kick brings new ones), SLOW when it will
@@ -289,6 +311,7 @@ int ifc_mem_table_check(const struct ifc_mem_table *mem);
 #define IFC_VRING_DESC_F_WRITE 2
 #define IFC_VRING_DESC_F_INDIRECT 4
 #define IFC_VRING_AVAIL_F_NO_INTERRUPT 1
+#define IFC_VRING_USED_F_NO_NOTIFY 1
 #define IFC_VRING_MAX_SIZE 32768
 
 #define IFC_RELAY_F_EVENT_IDX 1   /* VIRTIO_RING_F_EVENT_IDX negotiated */
@@ -364,7 +387,8 @@ struct ifc_relay_result {
     uint8_t poll;             /* IFC_RELAY_POLL_*: look again without an interrupt? */
     uint32_t reason;          /* IFC_RELAY_E_* */
     uint16_t err_idx;         /* free-running used index of the failing entry */
-    uint16_t reserved2;
+    uint8_t kick;             /* ring the device's doorbell for the guest (see below) */
+    uint8_t reserved2;
     uint32_t err_desc;        /* descriptor index of the failure in its table */
     uint32_t err_len;         /* len of the failing descriptor, if relevant */
     uint64_t err_value;       /* the offending value (id, next, flags, len, addr) */
@@ -426,7 +450,7 @@ const char *ifc_relay_reason_text(uint32_t reason);
 #define IFC_NOTIFY_EV_SIGNAL 4        /* guest call fd written (fd = that fd) */
 #define IFC_NOTIFY_EV_REARM 5         /* interrupt fd re-signalled (fd = it) */
 #define IFC_NOTIFY_EV_BROKEN 6        /* relay failed now; see the queue error */
-#define IFC_NOTIFY_EVENTS_PER_FD 3    /* at most this many events per fd event */
+#define IFC_NOTIFY_EVENTS_PER_FD 4    /* at most this many events per fd event */
 #define IFC_NOTIFY_MAX_QUEUES 256
 
 struct ifc_notify_queue {
@@ -441,6 +465,7 @@ struct ifc_notify_queue {
     uint64_t relayed;         /* used entries relayed */
     uint64_t signals;         /* guest call fd writes */
     uint64_t polls;           /* relays without an interrupt (timer polls) */
+    uint64_t relay_kicks;     /* doorbells rung for the guest (res->kick) */
     uint32_t poll_advice;     /* IFC_RELAY_POLL_* of the last relay */
     int32_t broken;           /* 0, or the relay error code */
     uint32_t broken_claim;    /* first error wins */

@@ -62,6 +62,17 @@ static void signal_fd(int fd)
     /* EAGAIN means the counter is saturated: the reader will wake anyway. */
 }
 
+static void ring_doorbell(struct ifc_notify_queue *nq, uint32_t qid, struct out *o)
+{
+    if (nq->doorbell) {
+        /* One exact 16-bit store: the notify register takes the queue index. */
+        *(volatile uint16_t *)(uintptr_t)nq->doorbell = (uint16_t)qid;
+        emit(o, qid, IFC_NOTIFY_EV_KICK, -1, 0, 1);
+    } else {
+        emit(o, qid, IFC_NOTIFY_EV_KICK_FORWARD, -1, 0, 1);
+    }
+}
+
 static void do_kick(struct ifc_notify_ctx *ctx, uint32_t qid, struct out *o)
 {
     struct ifc_notify_queue *nq = &ctx->queues[qid];
@@ -70,13 +81,7 @@ static void do_kick(struct ifc_notify_ctx *ctx, uint32_t qid, struct out *o)
     __atomic_fetch_add(&nq->kicks, 1, __ATOMIC_RELAXED);
     if (nq->relay != NULL && ctx->poll_min_ns && nq->poll_ns == 0)
         nq->poll_ns = ctx->poll_min_ns;   /* new buffers: see whether it interrupts for them */
-    if (nq->doorbell) {
-        /* One exact 16-bit store: the notify register takes the queue index. */
-        *(volatile uint16_t *)(uintptr_t)nq->doorbell = (uint16_t)qid;
-        emit(o, qid, IFC_NOTIFY_EV_KICK, -1, 0, 1);
-    } else {
-        emit(o, qid, IFC_NOTIFY_EV_KICK_FORWARD, -1, 0, 1);
-    }
+    ring_doorbell(nq, qid, o);
 }
 
 static void mark_broken(struct ifc_notify_queue *nq, const struct ifc_relay_result *res)
@@ -113,16 +118,21 @@ static int relay_queue(struct ifc_notify_ctx *ctx, uint32_t qid, struct out *o)
         return broken;
     struct ifc_relay_result res;
     uint64_t total = 0;
-    int signal = 0, more = 0, rc = 0;
+    int signal = 0, more = 0, kick = 0, rc = 0;
     for (int i = 0; i < MAX_RELAY_CALLS; i++) {
         rc = ifc_relay_used(nq->relay, 0, &res);
         if (rc < 0)
             break;
         total += (uint64_t)rc;
         signal |= res.signal;
+        kick |= res.kick;
         more = res.more;
         if (!more)
             break;
+    }
+    if (kick && (nq->doorbell || nq->kick_fd >= 0)) {
+        __atomic_fetch_add(&nq->relay_kicks, 1, __ATOMIC_RELAXED);
+        ring_doorbell(nq, qid, o);
     }
     plan_poll(ctx, nq, rc < 0 ? IFC_RELAY_POLL_NONE : res.poll, total);
     if (total) {

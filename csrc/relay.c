@@ -314,10 +314,14 @@ static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx)
     return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
 }
 
+#define MIRROR_FLAGS 1
+#define MIRROR_EVENT 2
+
 /* Copy the device's used->flags and (EVENT_IDX) avail_event to the guest
- * ring; 1 if either changed.  They steer the guest's kicks, and the device
- * moves them without completing anything (an RX queue that ran dry asks to
- * be kicked at the next buffer), so they must not wait for a used entry. */
+ * ring; MIRROR_* bits of what changed.  They steer the guest's kicks, and
+ * the device moves them without completing anything (an RX queue that ran
+ * dry asks to be kicked at the next buffer), so they must not wait for a
+ * used entry. */
 static int mirror_header(const struct ifc_relay_queue *q, const uint8_t *m_used)
 {
     uint8_t *used = q->used;
@@ -325,17 +329,40 @@ static int mirror_header(const struct ifc_relay_queue *q, const uint8_t *m_used)
     uint16_t flags = __atomic_load_n((const uint16_t *)m_used, __ATOMIC_RELAXED);
     if (__atomic_load_n((uint16_t *)used, __ATOMIC_RELAXED) != flags) {
         __atomic_store_n((uint16_t *)used, flags, __ATOMIC_RELAXED);
-        changed = 1;
+        changed |= MIRROR_FLAGS;
     }
     if (q->cfg.flags & IFC_RELAY_F_EVENT_IDX) {
         const size_t off = USED_RING_OFF + 8u * q->cfg.size;
         uint16_t event = __atomic_load_n((const uint16_t *)(m_used + off), __ATOMIC_RELAXED);
         if (__atomic_load_n((uint16_t *)(used + off), __ATOMIC_RELAXED) != event) {
             __atomic_store_n((uint16_t *)(used + off), event, __ATOMIC_RELAXED);
-            changed = 1;
+            changed |= MIRROR_EVENT;
         }
     }
     return changed;
+}
+
+/* After a mirror that asked for kicks (and a full fence): did the guest
+ * publish past the point the device asked about while it still read the
+ * old copy?  Then it did not kick and will not: the device, which re-read
+ * avail->idx before the guest published, waits for buffers it already
+ * has.  This is the device's half of the avail_event handshake (write the
+ * event, fence, re-read the index), done here because the device's write
+ * went to the mediated ring.  A kick too many is harmless. */
+static uint8_t kick_for_guest(const struct ifc_relay_queue *q, const uint8_t *m_used, int mirrored)
+{
+    const uint8_t *avail = q->avail;
+    uint16_t avail_idx = __atomic_load_n((const uint16_t *)(avail + 2), __ATOMIC_RELAXED);
+    if (q->cfg.flags & IFC_RELAY_F_EVENT_IDX) {
+        if (!(mirrored & MIRROR_EVENT))
+            return 0;
+        uint16_t event = __atomic_load_n((const uint16_t *)(m_used + USED_RING_OFF + 8u * q->cfg.size),
+                                         __ATOMIC_RELAXED);
+        uint16_t past = (uint16_t)(avail_idx - event);
+        return past >= 1 && past <= q->cfg.size;
+    }
+    uint16_t flags = __atomic_load_n((const uint16_t *)m_used, __ATOMIC_RELAXED);
+    return (mirrored & MIRROR_FLAGS) && !(flags & IFC_VRING_USED_F_NO_NOTIFY);
 }
 
 /* Whether the relay must look again without an interrupt (IFC_RELAY_POLL_*).
@@ -449,6 +476,7 @@ static int relay_locked(struct ifc_relay_queue *q, uint32_t max_entries, struct 
     }
     const uint32_t count = k;
     const uint16_t new_idx = (uint16_t)(last + count);
+    int mirrored;
     if (count) {
         uint8_t *used = q->used;
         uint8_t *log = q->cfg.log;
@@ -463,7 +491,7 @@ static int relay_locked(struct ifc_relay_queue *q, uint32_t max_entries, struct 
         memcpy(used + USED_RING_OFF + 8u * slot0, m_used + USED_RING_OFF + 8u * slot0, 8u * first);
         if (second)
             memcpy(used + USED_RING_OFF, m_used + USED_RING_OFF, 8u * second);
-        mirror_header(q, m_used);
+        mirrored = mirror_header(q, m_used);
         /* Elements and flags before the index the guest polls. */
         __atomic_store_n((uint16_t *)(used + 2), new_idx, __ATOMIC_RELEASE);
         if (log != NULL && (q->cfg.flags & IFC_RELAY_F_LOG_USED)) {
@@ -478,6 +506,7 @@ static int relay_locked(struct ifc_relay_queue *q, uint32_t max_entries, struct 
         /* Our stores (guest idx, mediated used_event) before the loads that
          * decide on interrupts; otherwise both sides can miss each other. */
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        res->kick = kick_for_guest(q, m_used, mirrored);
         const uint8_t *avail = q->avail;
         if (q->cfg.flags & IFC_RELAY_F_EVENT_IDX) {
             uint16_t used_event = __atomic_load_n((const uint16_t *)(avail + AVAIL_RING_OFF + 2u * size),
@@ -490,9 +519,13 @@ static int relay_locked(struct ifc_relay_queue *q, uint32_t max_entries, struct 
         q->last = new_idx;
         q->relayed += count;
         q->calls++;
-    } else if (mirror_header(q, m_used) && q->cfg.log != NULL && (q->cfg.flags & IFC_RELAY_F_LOG_USED)) {
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        log_used_header(q);
+    } else if ((mirrored = mirror_header(q, m_used)) != 0) {
+        if (q->cfg.log != NULL && (q->cfg.flags & IFC_RELAY_F_LOG_USED)) {
+            __atomic_thread_fence(__ATOMIC_RELEASE);
+            log_used_header(q);
+        }
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        res->kick = kick_for_guest(q, m_used, mirrored);
     }
     res->rc = (int32_t)count;
     res->count = count;

@@ -418,7 +418,7 @@ class IfcvfHw:
         return RingState(last_avail=used, last_used=used, hw_avail=word & 0xFFFF)
 
     def stop(self, queues: list[int]) -> dict[int, RingState | None]:
-        """Stop the device: vectors off, each queue stopped and its state read, reset.
+        """Stop the device: each queue stopped and its state read, vectors off, reset.
 
         Without a stop command the ring states are None: the caller takes them
         from the used rings in guest memory.
@@ -430,9 +430,13 @@ class IfcvfHw:
             for index in queues:
                 c.write16(Common.QUEUE_SELECT, index)
                 c.write16(Common.QUEUE_ENABLE, 0)
-                c.write16(Common.QUEUE_MSIX_VECTOR, ids.NO_VECTOR)
             for index in queues:
                 states[index] = self._await_stopped(index)
+            # Only now: the entries the stop drain completes still interrupt,
+            # or a guest whose used_event is behind never hears of them.
+            for index in queues:
+                c.write16(Common.QUEUE_SELECT, index)
+                c.write16(Common.QUEUE_MSIX_VECTOR, ids.NO_VECTOR)
         else:
             states = {index: None for index in queues}
         self.reset()

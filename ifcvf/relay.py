@@ -362,6 +362,7 @@ class QueueStats:
     relayed: int
     signals: int
     polls: int        # relays without an interrupt (adaptive polls)
+    relay_kicks: int  # doorbells rung for the guest (it published past a stale avail_event)
     broken: RelayError | None
 
 
@@ -548,7 +549,8 @@ class NotifyRelay:
 
     def stats(self, qid: int) -> QueueStats:
         cq = self._queues[qid]
-        return QueueStats(cq.kicks, cq.interrupts, cq.relayed, cq.signals, cq.polls, self.broken(qid))
+        return QueueStats(cq.kicks, cq.interrupts, cq.relayed, cq.signals, cq.polls, cq.relay_kicks,
+                          self.broken(qid))
 
     def _consume(self, events, n: int) -> list[int]:
         signalled: list[int] = []

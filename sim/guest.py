@@ -2,15 +2,35 @@
 
 ``GuestNet`` lays out one RX (even) and one TX (odd) virtqueue per queue pair
 in guest RAM, runs one guest CPU per pair (simpy callbacks), and drives the
-rings the way a virtio-net driver does: NAPI-style RX (an interrupt schedules
-a poll of up to a budget of frames, interrupts stay off while polling and are
-re-enabled, with a re-check, only when the ring is drained), a paced TX
-producer that reclaims completed chains on its way and asks for a (delayed)
-interrupt only when its ring is full, and notification suppression both ways
-(VRING_AVAIL_F_NO_INTERRUPT / VRING_USED_F_NO_NOTIFY, or used_event /
-avail_event with EVENT_IDX).  Kicks and interrupts are eventfds: the guest
-kicks with ``world.signal_fd(kick_fd)`` (or writes the device's notify page
-directly through a host notifier) and watches ``call_fd``.
+rings the way Linux 6.1's virtio_net and virtio_ring do where interrupts,
+indexes and buffers are decided (facts: ../shared/reference/linux-virtio-net.md
+section A; the kernel functions are named where they are modelled):
+
+- interrupts: ``vring_interrupt`` (IRQ_NONE without a new used entry; sets
+  ``event_triggered`` with EVENT_IDX), delivered per queue over MSI-X or, with
+  ``interrupts="intx"``, on one shared line whose handler ``vp_interrupt``
+  reads and clears the ISR and scans every queue;
+- RX NAPI: ``skb_recv_done`` -> ``virtqueue_napi_schedule`` (the disable only if
+  ``napi_schedule_prep`` succeeds, else NAPIF_STATE_MISSED; a no-op while
+  ``event_triggered``), ``virtqueue_disable_cb`` (EVENT_IDX: ``used_event = 0``),
+  ``used_event`` following consumption buffer by buffer while callbacks are
+  on, ``virtnet_poll`` / ``virtnet_receive`` (a budget of packets; a merged
+  frame is one), the refill only above min(budget, ring)/2 free buffers
+  (``try_fill_recv``, one kick decision; ``refill_work`` when an allocation
+  fails), ``virtqueue_napi_complete`` (``enable_cb_prepare``,
+  ``napi_complete_done``, the ``virtqueue_poll`` re-check);
+- TX: ``start_xmit`` batches (reap first, ``enable_cb_delayed`` on the last
+  packet: an interrupt at 3/4 of the chains outstanding; stop below 19 free
+  slots, re-armed at the stop as 6.1.y does), TX NAPI (``skb_xmit_done``,
+  ``virtnet_poll_tx``) and the TX reaping at the start of every RX poll
+  (``virtnet_poll_cleantx``);
+- kicks: ``avail->idx`` published per batch, ``vring_need_event`` against
+  ``avail_event`` (or VRING_USED_F_NO_NOTIFY).
+
+Kicks and interrupts are eventfds: the guest kicks with
+``world.signal_fd(kick_fd)`` (or writes the device's notify page directly
+through a host notifier) and watches ``call_fd`` (under INTx every call fd
+stands for QEMU's guest notifier: readable -> ISR bit 0 -> the line).
 
 The per-buffer work runs in C a batch per call (``csrc/guest_ring.c``): every
 received frame is checked end to end with the traffic checker of
@@ -41,13 +61,19 @@ Migration: everything the driver must find again lives in guest RAM (the
 rings and the private blocks, including the TX sequence numbers), so after
 ``pause()``, a copy of guest RAM to a destination and ``remap(new_memory)``
 plus ``attach()`` to the destination VF's eventfds, ``resume()`` continues
-from the indexes in memory.  The checker's per-flow state is the observer's,
+from the indexes in memory, taking the interrupts raised while it was paused
+(a paused vCPU loses none; nothing else makes it poll, as in a real guest: a
+device that completes entries without interrupting stalls it).  The NAPI
+state (scheduled, missed) is kernel memory the model keeps outside guest RAM.
+The checker's per-flow state is the observer's,
 outside guest RAM: a guest that lost state shows up as duplicates or loss.
 
 Guest CPU: ``GuestCosts`` gives the time a pair's core spends per interrupt,
-per poll or TX batch, per frame and per kick; the core does one thing at a
-time, its effects on the rings (avail idx, kicks, interrupt re-enable) become
-visible when the work is done, and ``utilisation()`` tells whether the guest
+per poll or TX batch, per frame and per kick (``GuestCosts.scaled``: a slower
+guest, ~50x under TCG); the core does one thing at a time, an interrupt's
+entry cost elapses before the poll it schedules touches the ring, a poll
+consumes at its start and its other effects on the rings (avail idx, kicks,
+interrupt re-enable) become visible when its work is done, and ``utilisation()`` tells whether the guest
 is what limits a run.
 """
 from __future__ import annotations
@@ -58,8 +84,8 @@ from typing import Callable
 
 from ifcvf._native import ffi, lib
 from sim import virtio_regs as vr
-from sim.traffic import (DEFAULT_DST_MAC, DEFAULT_SRC_MAC, CheckCounts, Checker, SizeDist,
-                         Stream, mac_bytes)
+from sim.traffic import (DEFAULT_DST_MAC, DEFAULT_SRC_MAC, Arrivals, CheckCounts, Checker,
+                         SizeDist, Stream, mac_bytes)
 from sim.frames import WIRE_OVERHEAD
 from sim.world import World
 
@@ -77,6 +103,8 @@ SUPPORTED_FEATURES = DATAPATH_FEATURES | vr.feature_mask(
     vr.F_ACCESS_PLATFORM, vr.F_ORDER_PLATFORM)
 
 TX_CHAINS = ("single", "split", "indirect")
+INTERRUPTS = ("msix", "intx")
+MAX_SKB_FRAGS = 17             # 4 KiB pages (skbuff.h 348-352)
 RX_SCRATCH = 65536 + 64       # the largest frame merged over RX buffers
 
 
@@ -115,6 +143,14 @@ class GuestCosts:
         for name in ("irq_ns", "poll_ns", "rx_frame_ns", "tx_batch_ns", "tx_frame_ns", "kick_ns"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GuestCosts.{name} must not be negative")
+
+    def scaled(self, factor: float) -> "GuestCosts":
+        """Every cost times ``factor`` (a slower guest: about 50 under TCG)."""
+        if factor <= 0:
+            raise ValueError("a guest cost scale must be positive")
+        return GuestCosts(*(getattr(self, f) * factor for f in
+                            ("irq_ns", "poll_ns", "rx_frame_ns", "tx_batch_ns", "tx_frame_ns",
+                             "kick_ns")))
 
 
 @dataclass(frozen=True)
@@ -203,7 +239,10 @@ class _Queue:
         self.notify: Callable[[], None] | None = None   # a host notifier (see attach)
         self.kicks = 0
         self.kicks_suppressed = 0
-        self.interrupts = 0
+        self.interrupts = 0      # MSI-X: interrupts taken on this queue's vector
+        self.handled = 0         # vring_interrupt found new used entries (callback ran)
+        self.irq_none = 0        # vring_interrupt returned IRQ_NONE
+        self.irq_pending = False # an interrupt raised while the guest was paused
         self.polls = 0
         self.broken = ""
         self.stats = None        # RX: ifc_check_stats (the guest's checker)
@@ -251,7 +290,12 @@ class _Wake:
 
 
 class _Pair:
-    """One queue pair and the guest core that serves it."""
+    """One queue pair, its two NAPI instances and the guest core that serves it.
+
+    NAPI state as Linux keeps it (``include/linux/netdevice.h``): ``*_sched``
+    is NAPI_STATE_SCHED (a poll is owed), ``*_missed`` NAPIF_STATE_MISSED
+    (``napi_schedule_prep`` found the poll already scheduled, so
+    ``napi_complete_done`` returns false and NAPI polls once more)."""
 
     def __init__(self, guest: "GuestNet", index: int, rx: _Queue, tx: _Queue):
         self.guest = guest
@@ -260,17 +304,36 @@ class _Pair:
         self.tx = tx
         self.world = guest.world
         self.wake_ev = _Wake()
-        self.rx_scheduled = False
-        self.rx_irq = False          # the next poll was started by an interrupt
+        self.rx_sched = False
+        self.rx_missed = False
+        self.rx_irq = False          # the next RX poll pays an interrupt's entry cost
+        self.tx_sched = False        # TX NAPI (virtnet_poll_tx) owed
+        self.tx_missed = False
+        self.tx_irq = False
         self.tx_active = False
-        self.tx_blocked = False      # ring full: waiting for a TX interrupt
+        self.tx_stopped = False      # netif_stop_subqueue: too few free slots
         self.tx_next = 0
         self.tx_limit: int | None = None
+        self.tx_backlog = 0          # arrivals mode: frames due, not sent yet
         self.credit = 0.0            # TX: offered wire bytes not sent yet
         self.credit_time = 0
         self.timer_at: int | None = None
+        self.refill_at: int | None = None   # refill_work queued (delayed work)
+        self.rx_disabled = False     # napi_disable'd while refill_work runs
+        self.arrivals: Arrivals | None = None   # TX arrivals mode
+        self.refill_works = 0
+        self.alloc_failures = 0
         self.debt_ns = 0.0           # CPU time owed for work done after a busy period
         self.busy_cycles = 0
+
+    # kept for readers of the old name: the TX queue waits for room
+    @property
+    def tx_blocked(self) -> bool:
+        return self.tx_stopped
+
+    @property
+    def rx_scheduled(self) -> bool:
+        return self.rx_sched
 
     def wake(self) -> None:
         ev = self.wake_ev
@@ -305,6 +368,13 @@ class GuestNet:
     restored) instead of initialising them; ``ring_base`` starts every index
     of fresh rings at that value instead of 0, as rings restored after a
     migration would be (it makes the u16 wrap-around quick to reach).
+
+    ``interrupts``: ``"msix"`` (a vector per queue) or ``"intx"`` (one shared
+    line, the ISR read).  ``rx_alloc_fail``: the chance that an RX refill
+    (GFP_ATOMIC) runs out of memory part way, so ``refill_work`` refills
+    later.  ``tx_pps`` (instead of ``tx_rate_gbps``): frames per second over
+    all pairs from ``sim.traffic.Arrivals`` (``tx_pattern``, ``tx_burst``,
+    ``tx_on_us``, ``tx_off_us``), each pair sending what has arrived.
     """
 
     def __init__(self, world: World, memory, *, features: int, queue_pairs: int = 1,
@@ -317,13 +387,21 @@ class GuestNet:
                  tx_frames: int | None = None, tx_wait_ns: float = 10_000.0,
                  mac: bytes | str = DEFAULT_DST_MAC, peer_mac: bytes | str = DEFAULT_SRC_MAC,
                  name: str = "guest", trace_polls: bool = False, fresh: bool = True,
-                 ring_base: int = 0):
+                 ring_base: int = 0, interrupts: str = "msix", rx_alloc_fail: float = 0.0,
+                 tx_pps: float = 0.0, tx_pattern: str = "constant", tx_burst: int = 1,
+                 tx_on_us: float = 0.0, tx_off_us: float = 0.0):
         if queue_pairs < 1:
             raise ValueError("a guest needs at least one queue pair")
         if napi_budget < 1 or tx_batch < 1:
             raise ValueError("napi_budget and tx_batch must be at least 1")
         if tx_chain == "indirect" and not features >> vr.F_INDIRECT_DESC & 1:
             raise ValueError("indirect TX chains need VIRTIO_F_INDIRECT_DESC")
+        if interrupts not in INTERRUPTS:
+            raise ValueError(f"interrupts must be one of {', '.join(INTERRUPTS)}, not {interrupts!r}")
+        if not 0.0 <= rx_alloc_fail <= 1.0:
+            raise ValueError(f"rx_alloc_fail is a probability, not {rx_alloc_fail}")
+        if tx_pps < 0 or (tx_pps and tx_rate_gbps):
+            raise ValueError("give tx_rate_gbps or tx_pps, not both (and neither negative)")
         self.world = world
         self.memory = memory
         self.features = features
@@ -383,7 +461,25 @@ class GuestNet:
             pair.tx.stream = Stream(tx_sizes, flows=tx_flows, flow_base=tx_flow_base + pair.index * tx_flows,
                                     flow_run=tx_flow_run, dst_mac=self.peer_mac, src_mac=self.mac,
                                     seq=seq)
-            pair.tx_active = tx_rate_gbps > 0
+            pair.tx_active = tx_rate_gbps > 0 or tx_pps > 0
+        # TX arrivals mode (tx_pps): the pairs' sources start with the guest
+        self._tx_arrivals_kw = dict(pattern=tx_pattern, burst=tx_burst, on_us=tx_on_us,
+                                    off_us=tx_off_us)
+        if tx_pps > 0:
+            Arrivals(world, tx_pps / queue_pairs, **self._tx_arrivals_kw)   # validate now
+        self.tx_arrivals = True if tx_pps > 0 else None
+        self.tx_pps = tx_pps
+        self.interrupts = interrupts
+        self.isr = 0                 # INTx: QEMU's ISR (bit 0: a queue, read-to-clear)
+        self._line_pending = False
+        self.intx_interrupts = 0     # INTx: vp_interrupt calls that found the ISR set
+        self.irq_none = 0            # vp_interrupt calls that returned IRQ_NONE
+        self.rx_alloc_fail = rx_alloc_fail
+        self._alloc_rng = world.rng(f"{name}.alloc")
+        self._refill_delay = max(1, world.cycles(costs.irq_ns))   # a kworker wake-up
+        # netif_stop_subqueue below 2 + MAX_SKB_FRAGS free slots (a ring too
+        # small for that stops only when full)
+        self._tx_stop_free = 2 + MAX_SKB_FRAGS if queue_size >= 4 * (2 + MAX_SKB_FRAGS) else 1
         self.tx_rate_gbps = tx_rate_gbps
         # Offered wire bytes per cycle, per pair.
         self._tx_bpc = tx_rate_gbps * 1e9 / 8 / world.clock_hz / queue_pairs
@@ -398,7 +494,6 @@ class GuestNet:
             for pair in self.pairs:
                 lib.ifc_gvq_refill(pair.rx.c, pair.rx.layout.nslots)
                 lib.ifc_gvq_publish(pair.rx.c)   # nobody to kick yet
-                lib.ifc_gvq_disable_cb(pair.tx.c)
         self.paused = False
         self._resume_ev = world.env.event()
         self.started = False
@@ -406,7 +501,7 @@ class GuestNet:
         self.errors: list[str] = []
         world.record(name, "guest_init", pairs=queue_pairs, size=queue_size, hdr_len=self.hdr_len,
                      mrg=self.mrg_rxbuf, event_idx=self.event_idx, tx_chain=tx_chain,
-                     fresh=fresh)
+                     fresh=fresh, interrupts=interrupts)
 
     # ------------------------------------------------------------------------------
     # layout and wiring
@@ -453,7 +548,8 @@ class GuestNet:
             # must never block the simulation.
             if os.get_blocking(call_fd):
                 os.set_blocking(call_fd, False)
-            q._watcher = self._rx_irq_handler(q) if not q.is_tx else self._tx_irq_handler(q)
+            q._watcher = (self._intx_handler(q) if self.interrupts == "intx"
+                          else self._msix_handler(q))
             self.world.watch_fd(call_fd, q._watcher)
         self.world.record(self.name, "attach", queue=index, kick=kick_fd >= 0 or notify is not None,
                           call=call_fd >= 0)
@@ -492,7 +588,11 @@ class GuestNet:
     # running
     # ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the guest cores (TX production begins, RX waits for interrupts)."""
+        """The interface comes up (virtnet_open 1696-1725): the RX rings were
+        filled at construction; virtnet_napi_enable and virtnet_napi_tx_enable
+        each schedule one poll through virtqueue_napi_schedule, whose disable
+        really runs (used_event = 0 with EVENT_IDX) -- a poll entered other
+        than from an interrupt.  TX production begins."""
         if self.started:
             return
         self.started = True
@@ -500,9 +600,14 @@ class GuestNet:
         for pair in self.pairs:
             pair.credit_time = self.world.now
             pair.tx_next = self.world.now
-            # A guest that comes up polls once: buffers may already be used.
-            pair.rx_scheduled = True
-            lib.ifc_gvq_disable_cb(pair.rx.c)
+            if self.tx_arrivals is not None:
+                pair.arrivals = Arrivals(self.world, self.tx_pps / self.queue_pairs,
+                                         name=f"{self.name}.tx{pair.index}",
+                                         **self._tx_arrivals_kw)
+            if self._napi_schedule_prep(pair, tx=False):
+                lib.ifc_gvq_disable_cb(pair.rx.c)
+            if self._napi_schedule_prep(pair, tx=True):
+                lib.ifc_gvq_disable_cb(pair.tx.c)
             self._core_start(pair)
         self.world.record(self.name, "guest_start")
 
@@ -514,21 +619,30 @@ class GuestNet:
         self.world.record(self.name, "pause")
 
     def resume(self) -> None:
-        """Run again; every RX queue is polled once and TX reclaims before it waits."""
+        """Run again: the interrupts raised while paused are taken now (MSI-X:
+        each pending vector; INTx: the line, if the ISR is set)."""
         if not self.paused:
             return
         self.paused = False
         ev, self._resume_ev = self._resume_ev, self.world.env.event()
         now = self.world.now
         for pair in self.pairs:
-            if not pair.rx_scheduled:
-                lib.ifc_gvq_disable_cb(pair.rx.c)
-                pair.rx_scheduled = True
-            pair.tx_blocked = False
             pair.credit_time = now      # the application was frozen too: no credit accrued
+            if pair.arrivals is not None:
+                pair.arrivals.take(now)  # nor did it produce frames meanwhile
             pair.wake()
         self.world.record(self.name, "resume")
         ev.succeed()
+        if self.interrupts == "intx":
+            if self.isr:
+                self._line_pending = False
+                self._raise_intx()
+        else:
+            for q in self.queues:
+                if q.irq_pending:
+                    q.irq_pending = False
+                    q.interrupts += 1
+                    self._vring_interrupt(q)
 
     def kick_all(self) -> None:
         """Kick every attached queue once (e.g. after attaching to a new device)."""
@@ -540,41 +654,114 @@ class GuestNet:
             pair.tx_active = False
 
     # --- interrupts -------------------------------------------------------------------
+    # Delivery as vp_find_vqs sets it up (virtio_pci_common.c 397-417):
+    #   msix: one vector per queue; the handler is vring_interrupt itself and
+    #         the ISR is never read (vp_find_vqs_msix 284-356);
+    #   intx: one shared line; vp_interrupt (82-100) reads the ISR, which
+    #         clears it (0: IRQ_NONE), then scans every queue through
+    #         vring_interrupt.  The call eventfds stand for QEMU's guest
+    #         notifiers: each one readable sets ISR bit 0 and raises the line
+    #         (QEMU reads the notifier, virtio_irq -> ISR |= 1 -> INTx).
+    # While the guest is paused (stop-and-copy) interrupts stay pending and
+    # are delivered at resume, as a stopped vCPU would take them.
     def _drain(self, q: _Queue) -> bool:
         try:
             os.eventfd_read(q.call_fd)
         except (BlockingIOError, OSError):
             return False
-        q.interrupts += 1
         return True
 
-    def _rx_irq_handler(self, q: _Queue):
-        pair = self.pairs[q.index // 2]
-
+    def _msix_handler(self, q: _Queue):
         def on_irq(_fd: int) -> None:
-            if not self._drain(q) or q.broken:
+            if not self._drain(q):
                 return
             if self.paused:
-                return          # resume() polls every queue
-            if not pair.rx_scheduled:
+                q.irq_pending = True
+                return
+            q.interrupts += 1
+            self._vring_interrupt(q)
+        return on_irq
+
+    def _intx_handler(self, q: _Queue):
+        def on_notifier(_fd: int) -> None:
+            if not self._drain(q):
+                return
+            self._raise_intx()
+        return on_notifier
+
+    def _raise_intx(self) -> None:
+        self.isr |= 1
+        if not self._line_pending and not self.paused:
+            # Level-triggered: every notifier read before the guest takes the
+            # interrupt lands in the same ISR read.
+            self._line_pending = True
+            self.world.call_at(self.world.now, lambda _ev: self._vp_interrupt())
+
+    def _vp_interrupt(self) -> None:
+        """vp_interrupt: read-and-clear the ISR, then vring_interrupt on every queue."""
+        self._line_pending = False
+        if self.paused:
+            return                      # the ISR stays set; resume() raises the line again
+        isr, self.isr = self.isr, 0
+        if not isr:
+            self.irq_none += 1
+            return
+        self.intx_interrupts += 1
+        handled = False
+        for q in self.queues:
+            handled |= self._vring_interrupt(q)
+        if not handled:
+            self.irq_none += 1
+
+    def _vring_interrupt(self, q: _Queue) -> bool:
+        """vring_interrupt (virtio_ring.c 2445-2473): IRQ_NONE unless the queue has
+        a new used entry; with EVENT_IDX sets event_triggered; then the callback:
+        ``skb_recv_done`` (RX) or ``skb_xmit_done`` (TX)."""
+        if q.broken or not lib.ifc_gvq_interrupt(q.c):
+            q.irq_none += 1
+            return False
+        q.handled += 1
+        pair = self.pairs[q.index // 2]
+        if q.is_tx:
+            # skb_xmit_done (409-422): disable_cb, then TX NAPI
+            lib.ifc_gvq_disable_cb(q.c)
+            if self._napi_schedule_prep(pair, tx=True):
                 lib.ifc_gvq_disable_cb(q.c)
-                pair.rx_scheduled = True
+                pair.tx_irq = True
+                pair.wake()
+        else:
+            # skb_recv_done (1475-1481) -> virtqueue_napi_schedule (386-393): the
+            # disable (a no-op with event_triggered set) only if
+            # napi_schedule_prep succeeds; otherwise NAPIF_STATE_MISSED.
+            if self._napi_schedule_prep(pair, tx=False):
+                lib.ifc_gvq_disable_cb(q.c)
                 pair.rx_irq = True
                 pair.wake()
-        return on_irq
+        return True
 
-    def _tx_irq_handler(self, q: _Queue):
-        pair = self.pairs[q.index // 2]
+    @staticmethod
+    def _napi_schedule_prep(pair: _Pair, *, tx: bool) -> bool:
+        """napi_schedule_prep (net/core/dev.c): SCHED already set -> MISSED, false."""
+        if tx:
+            if pair.tx_sched:
+                pair.tx_missed = True
+                return False
+            pair.tx_sched = True
+            return True
+        if pair.rx_disabled:
+            return False                # napi_disable'd by refill_work (NAPIF_STATE_DISABLE)
+        if pair.rx_sched:
+            pair.rx_missed = True
+            return False
+        pair.rx_sched = True
+        return True
 
-        def on_irq(_fd: int) -> None:
-            if not self._drain(q) or q.broken or self.paused:
-                return
-            lib.ifc_gvq_disable_cb(q.c)
-            pair.debt_ns += self.costs.irq_ns
-            if pair.tx_blocked:
-                pair.tx_blocked = False
+    def _napi_schedule(self, pair: _Pair, *, tx: bool) -> None:
+        """virtqueue_napi_schedule from outside an interrupt (virtnet_napi_enable,
+        a re-check): the disable really runs (used_event = 0 with EVENT_IDX)."""
+        if self._napi_schedule_prep(pair, tx=tx):
+            lib.ifc_gvq_disable_cb((pair.tx if tx else pair.rx).c)
             pair.wake()
-        return on_irq
 
     # --- the core -----------------------------------------------------------------------
     # A pair's core is a chain of callbacks rather than a simpy process: the
@@ -584,9 +771,13 @@ class GuestNet:
     # a generator every time.  In process terms:
     #
     #     loop:  paused -> wait for resume
-    #            work (RX poll, TX batch) -> busy for its CPU time, then
-    #                (waiting out a pause) finish it (publish, kicks); loop
+    #            work (refill_work, RX poll, TX poll, start_xmit batch) -> busy
+    #                for its CPU time, then (waiting out a pause) finish it
+    #                (publish, kicks, napi_complete); loop
     #            idle -> arm the TX timer; pay CPU debt, or wait for a wake-up
+    #
+    # A poll consumes at the start of its busy period and its ring effects
+    # (refill kick, re-enabling callbacks) become visible at the end.
     def _core_start(self, pair: _Pair) -> None:
         self.world.call_first(lambda _ev: self._core(pair))
 
@@ -602,31 +793,60 @@ class GuestNet:
                 return
             ns = 0.0
             rx_n = -1
+            txp_n = -1
             tx_n = -1
-            if pair.rx_scheduled and not pair.rx.broken:
-                if pair.rx_irq:
-                    ns += costs.irq_ns
-                    pair.rx_irq = False
-                rx_n = self._rx_work(pair.rx, budget)
+            refill = False
+            now = env._now
+            if pair.rx_irq or pair.tx_irq:
+                # The interrupt's entry (hard irq, softirq dispatch) runs before
+                # the poll it scheduled touches the ring.
+                pair.rx_irq = pair.tx_irq = False
+                c = int((costs.irq_ns + pair.debt_ns) * self._cyc + 0.999999)
+                pair.debt_ns = 0.0
+                if c:
+                    pair.busy_cycles += c
+                    world.call_at(env._now + c, lambda _ev: self._core(pair))
+                    return
+            if pair.refill_at is not None and pair.refill_at <= now and not pair.rx_sched:
+                refill = True
+                ns += costs.poll_ns + self._refill_work(pair)
+            if pair.rx_sched and not pair.rx.broken:
+                self._cleantx(pair)
+                rx_n = self._rx_work(pair, budget)
                 ns += costs.poll_ns + max(rx_n, 0) * costs.rx_frame_ns
-            elif pair.rx_scheduled:
-                pair.rx_scheduled = False
-            if (pair.tx_active and not pair.tx_blocked and env._now >= pair.tx_next
-                    and not pair.tx.broken):
-                tx_n = self._tx_work(pair)
-                ns += costs.tx_batch_ns + max(tx_n, 0) * costs.tx_frame_ns
-            if rx_n >= 0 or tx_n >= 0:
+            elif pair.rx_sched:
+                pair.rx_sched = pair.rx_missed = False
+            if pair.tx_sched and not pair.tx.broken:
+                txp_n = self._tx_poll(pair)
+                ns += costs.tx_batch_ns
+            elif pair.tx_sched:
+                pair.tx_sched = pair.tx_missed = False
+            if pair.tx_active and not pair.tx_stopped and not pair.tx.broken:
+                if self.tx_arrivals is not None:
+                    pair.tx_backlog += pair.arrivals.take(now)
+                    due = pair.tx_backlog > 0
+                else:
+                    due = now >= pair.tx_next
+                if due:
+                    tx_n = self._tx_work(pair)
+                    ns += costs.tx_batch_ns + max(tx_n, 0) * costs.tx_frame_ns
+            if refill or rx_n >= 0 or txp_n >= 0 or tx_n >= 0:
                 ns += pair.debt_ns
                 pair.debt_ns = 0.0
                 c = int(ns * self._cyc + 0.999999)
                 pair.busy_cycles += c
-                world.call_at(env._now + c, lambda _ev: self._core_done(pair, rx_n, tx_n))
+                world.call_at(env._now + c,
+                              lambda _ev: self._core_done(pair, refill, rx_n, txp_n, tx_n))
                 return
-            # Idle: sleep until an interrupt or the next TX batch is due.
+            # Idle: sleep until an interrupt, queued work or the next TX frame is due.
             if pair.wake_ev.triggered:
                 pair.wake_ev = _Wake()
-            if pair.tx_active and not pair.tx_blocked and not pair.tx.broken:
-                at = pair.tx_next
+            at = None
+            if pair.tx_active and not pair.tx_stopped and not pair.tx.broken:
+                at = pair.arrivals.next_at() if self.tx_arrivals is not None else pair.tx_next
+            if pair.refill_at is not None and not pair.rx_sched:
+                at = pair.refill_at if at is None else min(at, pair.refill_at)
+            if at is not None:
                 now = env._now
                 if at <= now:
                     continue
@@ -642,23 +862,35 @@ class GuestNet:
             pair.wake_ev.callbacks.append(lambda _ev: self._core(pair))
             return
 
-    def _core_done(self, pair: _Pair, rx_n: int, tx_n: int) -> None:
-        """The CPU time of a poll / TX batch has passed: its effects become visible."""
+    def _core_done(self, pair: _Pair, refill: bool, rx_n: int, txp_n: int, tx_n: int) -> None:
+        """The CPU time of the work has passed: its effects become visible."""
         if self.paused:
-            self._resume_ev.callbacks.append(lambda _ev: self._core_done(pair, rx_n, tx_n))
+            self._resume_ev.callbacks.append(
+                lambda _ev: self._core_done(pair, refill, rx_n, txp_n, tx_n))
             return
+        if refill:
+            self._refill_finish(pair)
         if rx_n >= 0:
             self._rx_finish(pair, rx_n, self.napi_budget)
+        if txp_n >= 0:
+            self._tx_poll_finish(pair)
         if tx_n >= 0:
             self._tx_finish(pair)
         self._core(pair)
 
-    def _rx_work(self, q: _Queue, budget: int) -> int:
+    # --- RX: virtnet_poll ------------------------------------------------------------
+    def _rx_work(self, pair: _Pair, budget: int) -> int:
+        """virtnet_receive (virtio_net.c 1542-1587): up to ``budget`` packets, then
+        the refill if more than min(budget, ring)/2 buffers are free
+        (try_fill_recv, GFP_ATOMIC: ``rx_alloc_fail`` makes an allocation fail)."""
+        q = pair.rx
         stats = q.stats
         bad_before = stats.corrupted
-        # consume the used entries, then refill what they freed (one C call)
         refilled = self._refilled
-        n = lib.ifc_gvq_rx_poll(q.c, budget, self.checker.c, stats, q.layout.nslots, refilled)
+        refill_max = q.layout.nslots
+        if self.rx_alloc_fail and self._alloc_rng.random() < self.rx_alloc_fail:
+            refill_max = self._alloc_rng.randrange(0, max(1, q.layout.nslots // 4))
+        n = lib.ifc_gvq_rx_poll(q.c, budget, self.checker.c, stats, refill_max, refilled)
         q.polls += 1
         if n < 0:
             self._broken(q)
@@ -670,6 +902,13 @@ class GuestNet:
                               seq=seq)
         if refilled[0] < 0:
             self._broken(q)
+        elif q.c.refill_wanted and refilled[0] < q.c.refill_wanted:
+            # try_fill_recv failed (-ENOMEM): schedule_delayed_work(&vi->refill, 0)
+            pair.alloc_failures += 1
+            if pair.refill_at is None:
+                pair.refill_at = self.world.now + self._refill_delay
+            self.world.record(self.name, "rx_alloc_failed", queue=q.index,
+                              added=refilled[0], wanted=q.c.refill_wanted)
         if self.trace_polls:
             self.world.record(self.name, "rx_poll", queue=q.index, frames=n,
                               entries=q.c.last_entries)
@@ -678,30 +917,109 @@ class GuestNet:
     def _rx_finish(self, pair: _Pair, n: int, budget: int) -> None:
         q = pair.rx
         if q.broken:
-            pair.rx_scheduled = False
+            pair.rx_sched = pair.rx_missed = False
             return
+        # try_fill_recv's single kick decision, before callbacks are re-enabled
         if q.publish():
             pair.debt_ns += self.costs.kick_ns
-        # Unless a full budget left more behind it: drained (a full budget with
-        # nothing behind it too: a real NAPI loop would poll once more and
-        # find nothing), so interrupts go back on, then one more look (a used
-        # entry published before the re-enable would otherwise never
-        # interrupt) -- ifc_gvq_rx_rearm.
-        if not lib.ifc_gvq_rx_rearm(q.c, n, budget):
-            pair.rx_scheduled = False
+        if n >= budget:
+            return          # a full budget: NAPI polls again, callbacks untouched
+        # virtqueue_napi_complete: enable_cb_prepare (used_event = last_used),
+        # napi_complete_done (false when MISSED), virtqueue_poll re-check.
+        done = not pair.rx_missed
+        pair.rx_missed = False
+        if not lib.ifc_gvq_napi_complete(q.c, 1 if done else 0):
+            pair.rx_sched = False
 
-    def _tx_work(self, pair: _Pair) -> int:
-        q = pair.tx
-        env = self.world.env
+    def _refill_work(self, pair: _Pair) -> float:
+        """refill_work (1520-1540): napi_disable (the poll is idle here),
+        try_fill_recv(GFP_KERNEL) -- which the model lets succeed -- with its kick,
+        then virtnet_napi_enable (a poll, entered not from an interrupt)."""
+        q = pair.rx
+        pair.refill_works += 1
+        pair.rx_disabled = True
+        if not q.broken:
+            if lib.ifc_gvq_refill(q.c, q.layout.nslots) < 0:
+                self._broken(q)
+        self.world.record(self.name, "refill_work", queue=q.index)
+        return 0.0
+
+    def _refill_finish(self, pair: _Pair) -> None:
+        pair.refill_at = None
+        pair.rx_disabled = False
+        if pair.rx.broken:
+            return
+        if pair.rx.publish():
+            pair.debt_ns += self.costs.kick_ns
+        self._napi_schedule(pair, tx=False)
+
+    # --- TX: start_xmit, virtnet_poll_tx, virtnet_poll_cleantx ----------------------------
+    def _reclaim(self, q: _Queue) -> bool:
         if lib.ifc_gvq_tx_reclaim(q.c) < 0:
             self._broken(q)
+            return False
+        return True
+
+    def _cleantx(self, pair: _Pair) -> None:
+        """virtnet_poll_cleantx (1635-1661), at the start of every RX poll (not
+        charged): do { disable_cb; free_old_xmit_skbs } while
+        (!enable_cb_delayed); wake the queue if enough slots are free."""
+        q = pair.tx
+        if q.broken:
+            return
+        while True:
+            lib.ifc_gvq_disable_cb(q.c)
+            if not self._reclaim(q):
+                return
+            if lib.ifc_gvq_enable_cb_delayed(q.c):
+                break
+        self._maybe_wake_tx(pair)
+
+    def _maybe_wake_tx(self, pair: _Pair) -> None:
+        if pair.tx_stopped and lib.ifc_gvq_num_free(pair.tx.c) >= self._tx_stop_free:
+            pair.tx_stopped = False       # netif_tx_wake_queue
+
+    def _tx_poll(self, pair: _Pair) -> int:
+        """virtnet_poll_tx (1727-1771): disable_cb and free every completion (the
+        budget is ignored), wake the queue if 19 or more slots are free."""
+        q = pair.tx
+        before = q.c.completed
+        lib.ifc_gvq_disable_cb(q.c)
+        if not self._reclaim(q):
             return 0
-        now = env.now
+        self._maybe_wake_tx(pair)
+        return q.c.completed - before
+
+    def _tx_poll_finish(self, pair: _Pair) -> None:
+        q = pair.tx
+        if q.broken:
+            pair.tx_sched = pair.tx_missed = False
+            return
+        done = not pair.tx_missed
+        pair.tx_missed = False
+        if not lib.ifc_gvq_napi_complete(q.c, 1 if done else 0):
+            pair.tx_sched = False
+
+    def _tx_want(self, pair: _Pair) -> int:
+        if self.tx_arrivals is not None:
+            return min(self.tx_batch, pair.tx_backlog)
+        now = self.world.env.now
         mean = self._tx_mean_wire
         cap = 2.0 * self.tx_batch * mean
         pair.credit = min(cap, pair.credit + (now - pair.credit_time) * self._tx_bpc)
         pair.credit_time = now
-        want = min(self.tx_batch, int(pair.credit / mean))
+        return min(self.tx_batch, int(pair.credit / mean))
+
+    def _tx_work(self, pair: _Pair) -> int:
+        """A batch of start_xmit calls (1820-1896, the 6.1.y form with TX NAPI):
+        each reaps first (disable_cb + free_old_xmit_skbs); the last packet of
+        the batch (no xmit_more) re-arms with enable_cb_delayed (used_event 3/4
+        of the outstanding chains ahead), looping while that finds more done;
+        a packet that leaves fewer than ``_tx_stop_free`` slots stops the queue,
+        which enable_cb_delayed re-arms (a TX NAPI poll if already past)."""
+        q = pair.tx
+        c = q.c
+        want = self._tx_want(pair)
         stream = q.stream
         if pair.tx_limit is not None:
             want = min(want, pair.tx_limit - stream.c.frames)
@@ -710,12 +1028,42 @@ class GuestNet:
                 return 0
         n = 0
         if want > 0:
-            before = stream.c.bytes
-            n = lib.ifc_gvq_tx_post(q.c, want, stream.c)
-            if n < 0:
-                self._broken(q)
+            lib.ifc_gvq_disable_cb(c)
+            if not self._reclaim(q):
                 return 0
-            pair.credit -= (stream.c.bytes - before) + WIRE_OVERHEAD * n
+            room = lib.ifc_gvq_num_free(c) - self._tx_stop_free + 1
+            want = min(want, room)
+        if want > 0:
+            before = stream.c.bytes
+            if want > 1:
+                got = lib.ifc_gvq_tx_post(c, want - 1, stream.c)
+                if got < 0:
+                    self._broken(q)
+                    return 0
+                n += got
+            while True:                 # the last packet: kick = !xmit_more
+                lib.ifc_gvq_disable_cb(c)
+                if not self._reclaim(q):
+                    return n
+                if lib.ifc_gvq_enable_cb_delayed(c):
+                    break
+            got = lib.ifc_gvq_tx_post(c, 1, stream.c)
+            if got < 0:
+                self._broken(q)
+                return n
+            n += got
+            wire = (stream.c.bytes - before) + WIRE_OVERHEAD * n
+            if self.tx_arrivals is not None:
+                pair.tx_backlog -= n
+            else:
+                pair.credit -= wire
+            if lib.ifc_gvq_num_free(c) < self._tx_stop_free:
+                pair.tx_stopped = True    # netif_stop_subqueue
+                if not lib.ifc_gvq_enable_cb_delayed(c):
+                    # 6.1.y ("correctly enable callback during start_xmit"):
+                    # already past: schedule TX NAPI
+                    if self._napi_schedule_prep(pair, tx=True):
+                        lib.ifc_gvq_disable_cb(c)
         if self.trace_polls:
             self.world.record(self.name, "tx_batch", queue=q.index, frames=n)
         q.polls += 1
@@ -725,16 +1073,9 @@ class GuestNet:
         q = pair.tx
         if q.broken:
             return
-        if q.publish():
+        if q.publish():                   # kick if kick || netif_xmit_stopped
             pair.debt_ns += self.costs.kick_ns
-        in_flight = lib.ifc_gvq_in_flight(q.c)
-        if in_flight >= q.layout.nslots:
-            # Ring full: ask for an interrupt once 3/4 of it has completed.
-            if lib.ifc_gvq_enable_cb(q.c, in_flight * 3 // 4):
-                lib.ifc_gvq_disable_cb(q.c)
-            else:
-                pair.tx_blocked = True
-            pair.tx_next = self.world.now
+        if self.tx_arrivals is not None:
             return
         deficit = self.tx_batch * self._tx_mean_wire - pair.credit
         wait = int(deficit / self._tx_bpc + 0.999999) if deficit > 0 else 0
@@ -787,7 +1128,8 @@ class GuestNet:
         queues = []
         for q in self.queues:
             row = {"queue": q.index, "kicks": q.kicks, "kicks_suppressed": q.kicks_suppressed,
-                   "interrupts": q.interrupts, "polls": q.polls, "broken": q.broken,
+                   "interrupts": q.interrupts, "handled": q.handled, "irq_none": q.irq_none,
+                   "polls": q.polls, "broken": q.broken,
                    "completed": q.c.completed, "posted": q.c.made_available}
             if q.is_tx:
                 row.update(frames=q.stream.c.frames, bytes=q.stream.c.bytes)
@@ -796,7 +1138,10 @@ class GuestNet:
             queues.append(row)
         rx = self.rx_counts()
         return {"tx_frames": self.tx_frames(), "tx_bytes": self.tx_bytes(),
-                "rx": rx.as_dict(), "queues": queues}
+                "rx": rx.as_dict(), "queues": queues, "interrupts": self.interrupts,
+                "intx_interrupts": self.intx_interrupts, "irq_none": self.irq_none,
+                "refill_works": sum(p.refill_works for p in self.pairs),
+                "alloc_failures": sum(p.alloc_failures for p in self.pairs)}
 
 
 _RING_ERRORS = {

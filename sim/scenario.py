@@ -62,10 +62,32 @@ SCHEMA: dict[str, list[Key]] = {
         _key("front_end", str, "qemu-7.2", "whose vhost-user message order",
              choices=("qemu-7.2", "dpdk-virtio-user")),
         _key("status", bool, True, "offer the STATUS protocol feature"),
+        _key("interrupts", str, "msix", "guest interrupt delivery: one MSI-X vector per queue, "
+             "or INTx (one shared line, ISR read, every queue scanned)", choices=("msix", "intx")),
+        _key("event_idx", bool, True, "the guest accepts VIRTIO_F_EVENT_IDX when offered"),
+        _key("guest_cost_scale", float, 1.0, "guest CPU time per interrupt, poll and frame, as a "
+             "multiple of a lean kernel on a modern core (about 50: a guest under TCG)",
+             check=_range(0.01, 1000.0)),
+        _key("napi_budget", int, 64, "guest NAPI budget (packets per poll)", check=_range(1, 1024)),
+        _key("rx_alloc_fail", float, 0.0, "chance that a guest RX refill (GFP_ATOMIC) runs out of "
+             "memory, so refill_work refills later", check=_range(0.0, 1.0)),
     ],
     "traffic": [
         _key("rx_gbps", float, 0.0, "load offered from the wire to the guest, Gb/s", check=_range(0.0, 400.0)),
         _key("tx_gbps", float, 0.0, "load the guest sends, Gb/s", check=_range(0.0, 400.0)),
+        _key("rx_pps", float, 0.0, "instead of rx_gbps: frames/s offered to the guest (low rates)",
+             check=_range(0.0, 1e7)),
+        _key("tx_pps", float, 0.0, "instead of tx_gbps: frames/s the guest sends (low rates)",
+             check=_range(0.0, 1e7)),
+        _key("pattern", str, "constant", "arrivals of the *_pps sources: evenly spaced, or Poisson "
+             "(exponential gaps)", choices=("constant", "poisson")),
+        _key("burst", int, 1, "frames back to back per arrival of the *_pps sources", check=_range(1, 512)),
+        _key("on_us", float, 0.0, "on-off traffic: the *_pps sources send only during on periods "
+             "this long (0: always on)", check=_range(0.0, 1e8)),
+        _key("off_us", float, 0.0, "on-off traffic: silence after each on period", check=_range(0.0, 1e8)),
+        _key("reply", bool, False, "the far end answers every frame the guest sends with one frame "
+             "back (ping-like)"),
+        _key("reply_delay_us", float, 20.0, "time the far end takes to answer", check=_range(0.0, 1e6)),
         _key("frame_size", int, 1518, "Ethernet frame size with FCS, bytes", check=_range(64, 1518)),
         _key("flows_per_pair", int, 2, "flows per queue pair and direction", check=_range(1, 64)),
         _key("warmup_us", float, 200.0, "traffic before anything else happens", check=_range(0.0, 1e7)),
@@ -85,6 +107,9 @@ SCHEMA: dict[str, list[Key]] = {
     "expect": [
         _key("converged", bool, True, "the migration converges (false: it must be reported as not)"),
         _key("cancelled", bool, False, "the migration was cancelled on purpose"),
+        _key("max_rx_gap_us", float, 0.0, "liveness: longest a running RX queue with frames offered "
+             "and buffers posted may go without a delivery (0: the default rule)",
+             check=_range(0.0, 1e8)),
     ],
 }
 
@@ -158,6 +183,7 @@ def load(path: str | Path, *, extra_schema: dict[str, list[Key]] | None = None) 
             sections[name] = _section(path, name, tables.get(name, {}), keys)
     device = tables.get("device", {})
     _check_device(path, device)
+    _check_together(path, sections)
     return Scenario(path, top["name"] or path.stem, top["description"], top["kind"], top["seed"],
                     device, sections)
 
@@ -173,6 +199,22 @@ def _check_device(path: Path, device: dict) -> None:
         device_config(device)
     except (TypeError, ValueError) as err:
         raise ScenarioError(f"{path}: [device] {err}") from None
+
+
+def _check_together(path: Path, sections: dict) -> None:
+    """Keys that are valid alone but not together."""
+    t = sections.get("traffic")
+    if not t:
+        return
+    for d in ("rx", "tx"):
+        if t[f"{d}_gbps"] and t[f"{d}_pps"]:
+            raise ScenarioError(f"{path}: [traffic] {d}_gbps = {t[f'{d}_gbps']!r} and {d}_pps = "
+                                f"{t[f'{d}_pps']!r}: give one of them")
+    if t["off_us"] and not t["on_us"]:
+        raise ScenarioError(f"{path}: [traffic] off_us = {t['off_us']!r}: allowed only with on_us > 0")
+    if t["reply"] and not (t["tx_gbps"] or t["tx_pps"]):
+        raise ScenarioError(f"{path}: [traffic] reply = true: the guest sends nothing to answer "
+                            "(set tx_pps or tx_gbps)")
 
 
 def device_config(device: dict):

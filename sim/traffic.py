@@ -285,6 +285,83 @@ class Checker:
         return REASONS.get(stats.last_bad_reason, "?"), stats.last_bad_flow, stats.last_bad_seq
 
 
+# --- when low-rate sources send ----------------------------------------------------------
+PATTERNS = ("constant", "poisson")
+
+
+class Arrivals:
+    """When a low-rate or bursty source sends: arrival times in cycles, seeded.
+
+    Real guests mostly see little traffic: a few pings a second, a request
+    now and then, bursts separated by idle gaps far longer than any poll
+    period.  ``pps`` frames per second on average while the source is on;
+    each arrival carries ``burst`` frames back to back, so arrivals come
+    ``pps / burst`` times a second.  ``pattern``: ``"constant"`` (evenly
+    spaced) or ``"poisson"`` (exponential gaps: now and then a gap many times
+    the mean).  ``on_us`` / ``off_us`` > 0: on-off traffic, arrivals only
+    during on periods of ``on_us``, each followed by ``off_us`` of silence.
+    The arrival process runs on on-time and is mapped onto the clock, so the
+    rate during on periods is ``pps`` whatever the duty cycle.
+    """
+
+    def __init__(self, world: World, pps: float, *, pattern: str = "constant", burst: int = 1,
+                 on_us: float = 0.0, off_us: float = 0.0, start: int | None = None,
+                 name: str = "arrivals"):
+        if not pps > 0:
+            raise ValueError(f"an arrival rate must be positive, not {pps}")
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, not {pattern!r}")
+        if burst < 1:
+            raise ValueError("burst must be at least 1 frame")
+        if on_us < 0 or off_us < 0 or (off_us > 0 and on_us <= 0):
+            raise ValueError(f"on_us={on_us} off_us={off_us}: an off period needs an on period")
+        self.world = world
+        self.pps = pps
+        self.pattern = pattern
+        self.burst = burst
+        self._rng = world.rng(name)
+        self._gap = world.clock_hz * burst / pps          # mean cycles between arrivals (on-time)
+        self._on = world.cycles(on_us * 1000) if off_us > 0 else 0
+        self._off = world.cycles(off_us * 1000) if off_us > 0 else 0
+        self._start = world.now if start is None else start
+        self._tau = 0.0                                    # on-time of the next arrival
+        self._next = 0
+        self._advance(first=True)
+
+    def _advance(self, first: bool = False) -> None:
+        if self.pattern == "poisson":
+            step = self._rng.expovariate(1.0 / self._gap)
+        else:
+            step = self._gap
+        # A constant source starts one gap after its start; a Poisson one
+        # after an exponential wait (memoryless, as if it had been running).
+        self._tau += step
+        tau = int(self._tau)
+        if self._on:
+            tau = tau // self._on * (self._on + self._off) + tau % self._on
+        self._next = self._start + tau
+
+    def next_at(self) -> int:
+        """Cycle of the next arrival."""
+        return self._next
+
+    def take(self, now: int) -> int:
+        """Frames of every arrival up to ``now`` (inclusive), consumed."""
+        n = 0
+        while self._next <= now:
+            n += self.burst
+            self._advance()
+        return n
+
+    def mean_gap_ns(self) -> float:
+        """Mean time between frames while on, ns."""
+        return 1e9 / self.pps
+
+    @property
+    def off_ns(self) -> float:
+        return self._off * 1e9 / self.world.clock_hz
+
+
 # --- the wire-side endpoints ---------------------------------------------------------
 class Generator:
     """Sends test frames into a wire port at a rate, in bursts, seeded.
@@ -307,10 +384,13 @@ class Generator:
                  rate_gbps: float | None = 100.0, pps: float | None = None, burst: int = 64,
                  flows: int = 1, flow_base: int = 0, flow_run: int = 1,
                  dst_mac: bytes | str = DEFAULT_DST_MAC, src_mac: bytes | str = DEFAULT_SRC_MAC,
-                 max_frames: int | None = None, name: str = "gen"):
+                 max_frames: int | None = None, name: str = "gen",
+                 arrivals: "Arrivals | None" = None):
         if burst < 1:
             raise ValueError("burst must be at least 1 frame")
-        if (rate_gbps is None) == (pps is None):
+        if arrivals is not None:
+            rate_gbps, pps, burst = None, arrivals.pps, arrivals.burst
+        elif (rate_gbps is None) == (pps is None):
             raise ValueError("give exactly one of rate_gbps and pps")
         if (rate_gbps is not None and rate_gbps <= 0) or (pps is not None and pps <= 0):
             raise ValueError("the offered rate must be positive")
@@ -323,6 +403,7 @@ class Generator:
         self.stream = Stream(sizes, flows=flows, flow_base=flow_base, flow_run=flow_run,
                              dst_mac=dst_mac, src_mac=src_mac)
         self.burst = burst
+        self.arrivals = arrivals
         self.max_frames = max_frames
         # Burst data in reused memory (frames written once, no zero-fill first).
         self._pool = BufferPool(burst * sizes.max_length)
@@ -374,6 +455,9 @@ class Generator:
     def _bursts(self, next_start: int) -> None:
         """Send bursts until one ends in the future; come back then."""
         env = self.world.env
+        if self.arrivals is not None:
+            self._arrive()
+            return
         bpc = self.wire_bytes_per_cycle
         stream, port = self.stream, self.port
         while self._running:
@@ -398,6 +482,26 @@ class Generator:
                 self.world.call_at(wake, lambda _ev, at=next_start: self._bursts(at))
                 return
 
+    def _arrive(self) -> None:
+        """Arrivals mode: one burst per arrival, at its time (an idle gap otherwise)."""
+        arrivals, env = self.arrivals, self.world.env
+        while self._running:
+            at = arrivals.next_at()
+            if at > env._now:
+                self.world.call_at(at, lambda _ev: self._arrive())
+                return
+            n = arrivals.take(at)
+            if self.max_frames is not None:
+                n = min(n, self.max_frames - self.frames)
+                if n <= 0:
+                    self.stop()
+                    return
+            batch = self.stream.batch(n, self._pool if n <= self.burst else None)
+            self.last_departure = self.port.transmit(batch, env._now)
+            self.batches += 1
+            if self.first_departure is None and len(batch.times):
+                self.first_departure = batch.times[0]
+
     def offered_gbps(self) -> float:
         return self.wire_bytes_per_cycle * 8 * self.world.clock_hz / 1e9
 
@@ -419,6 +523,7 @@ class Sink:
         self.last_arrival = 0
         self.trace_batches = trace_batches
         self._reported_bad = 0
+        self.on_frames: list = []      # callbacks(frames) after each checked batch (Responder)
         if port is not None:
             port.on_receive(self.receive)
 
@@ -437,6 +542,8 @@ class Sink:
             reason, flow, seq = Checker.last_bad(self.checker.stats)
             self.world.record(self.name, "frames_bad", count=bad, reason=reason, flow=flow,
                               seq=seq)
+        for callback in self.on_frames:
+            callback(n)
 
     def counts(self) -> CheckCounts:
         return self.checker.counts()
@@ -450,5 +557,54 @@ class Sink:
         return c.frames / seconds / 1e6, c.bytes * 8 / seconds / 1e9
 
 
+class Responder:
+    """The far end answers: one frame back to the guest for each frame it sent.
+
+    Like a peer answering pings (or a reflector), ``delay_us`` after each
+    batch the sink received, the same number of test frames of its own
+    stream leave ``port`` towards the guest (so the guest's RX load follows
+    its TX, with the TX path's timing).  Hook it up with
+    ``sink.on_frames.append(responder.answer)``.
+    """
+
+    def __init__(self, world: World, port, sizes: SizeDist | str | int = 98, *,
+                 delay_us: float = 20.0, flows: int = 1, flow_base: int = 0,
+                 dst_mac: bytes | str = DEFAULT_DST_MAC, src_mac: bytes | str = DEFAULT_SRC_MAC,
+                 name: str = "responder"):
+        if delay_us < 0:
+            raise ValueError("a reply delay cannot be negative")
+        self.world = world
+        self.port = port
+        self.name = name
+        if not isinstance(sizes, SizeDist):
+            sizes = SizeDist.parse(sizes, world.rng(f"{name}.sizes"))
+        self.stream = Stream(sizes, flows=flows, flow_base=flow_base, dst_mac=dst_mac,
+                             src_mac=src_mac)
+        self.delay = world.cycles(delay_us * 1000)
+        self.running = True
+        self.answered = 0
+
+    @property
+    def frames(self) -> int:
+        return self.stream.frames
+
+    def sent_per_flow(self) -> list[int]:
+        return self.stream.sent_per_flow()
+
+    def answer(self, n: int) -> None:
+        if self.running and n > 0:
+            self.world.call_at(self.world.now + self.delay, lambda _ev: self._send(n))
+
+    def _send(self, n: int) -> None:
+        if not self.running:
+            return
+        self.port.transmit(self.stream.batch(n), self.world.env._now)
+        self.answered += n
+
+    def stop(self) -> None:
+        self.running = False
+
+
 __all__ = ["SizeDist", "Stream", "Checker", "CheckCounts", "Generator", "Sink", "IMIX",
+           "Arrivals", "Responder", "PATTERNS",
            "ETHERTYPE", "MAGIC", "HEADER_LEN", "mac_bytes"]

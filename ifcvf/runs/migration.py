@@ -13,7 +13,16 @@ with it.  Checked on every run:
    frames a VF dropped itself before any DMA (counted by the VF, with the
    reason); anything else is reported as lost or duplicated, with the
    descriptors that were in flight at switch-over;
-3. exclusion: no queue of the source ran while one of the destination did.
+3. exclusion: no queue of the source ran while one of the destination did;
+4. liveness: while an RX queue runs, frames are offered to it and the guest
+   has buffers posted on it, deliveries to the guest never stop for longer
+   than ``[expect] max_rx_gap_us`` (default: the larger of 2 ms and 4 mean
+   gaps between arrivals at one RX queue; 2 ms is twice the longest period
+   anything on the path may wait by design, the relay's 1 ms safety poll).
+   A stall is reported with the queue, the time window and the ring indexes
+   (guest avail idx, used idx, used_event, avail_event; the VF's last_avail
+   and last_used).  Checked every eighth of the bound, so a window is exact
+   to that.
 """
 from __future__ import annotations
 
@@ -21,16 +30,22 @@ import time
 from dataclasses import dataclass, field
 
 from hal.memory import HostMemory, align_up
+from ifcvf._native import lib
 from ifcvf.devargs import parse as parse_devargs
 from ifcvf.runs.stack import SimHost, Vf, Vm, cable, steer_by_flow
 from sim.migration import (CpuDirtyTracker, Outcome, PreCopy, PreCopyConfig, log_bytes_for,
                            regions_of)
 from sim.scenario import Scenario, device_config
-from sim.traffic import Generator, Sink
+from sim import virtio_regs as vr
+from sim.guest import SUPPORTED_FEATURES, GuestCosts
+from sim.traffic import Arrivals, Generator, Responder, Sink
 from sim.wire import connect, disconnect
 
 PAGE = 4096
 SAMPLE_US = 20.0
+LOW_RATE_SAMPLE_US = 1000.0    # *_pps traffic: runs last long, frames are few
+MIN_RX_GAP_US = 2000.0         # the default liveness bound's floor (see the module doc)
+GAP_MEANS = 4                  # ... or this many mean gaps between arrivals at one RX queue
 
 
 @dataclass
@@ -38,6 +53,8 @@ class Sample:
     t_us: float
     rx_bytes: int
     tx_bytes: int
+    rx_frames: int = 0
+    tx_frames: int = 0
 
 
 @dataclass
@@ -69,24 +86,56 @@ class MigrationRun:
         if scenario.kind == "migration":
             self.vfs.append(self.host.add_vf(config, drv["devargs"]))
         world = self.host.world
-        flows = self.traffic["flows_per_pair"]
+        t = self.traffic
+        flows = t["flows_per_pair"]
+        rx_flows = flows * self.pairs
+        pattern = dict(pattern=t["pattern"], burst=t["burst"], on_us=t["on_us"], off_us=t["off_us"])
         self.vm = Vm(self.host, pairs=self.pairs, queue_size=drv["queue_size"],
-                     ram_mib=drv["guest_memory_mib"], tx_rate_gbps=self.traffic["tx_gbps"],
-                     tx_sizes=self.traffic["frame_size"], tx_flows=flows, rx_flows=flows * self.pairs)
+                     ram_mib=drv["guest_memory_mib"], tx_rate_gbps=t["tx_gbps"],
+                     tx_sizes=t["frame_size"], tx_flows=flows, rx_flows=2 * rx_flows,
+                     interrupts=drv["interrupts"], napi_budget=drv["napi_budget"],
+                     costs=GuestCosts().scaled(drv["guest_cost_scale"]),
+                     rx_alloc_fail=drv["rx_alloc_fail"], tx_pps=t["tx_pps"],
+                     tx_pattern=pattern["pattern"], tx_burst=pattern["burst"],
+                     tx_on_us=pattern["on_us"], tx_off_us=pattern["off_us"])
         self.style, self.status = drv["front_end"], drv["status"]
-        self.fe = self.vm.plug(self.vfs[0], style=self.style, status=self.status)
+        wanted = None if drv["event_idx"] else SUPPORTED_FEATURES & ~(1 << vr.F_EVENT_IDX)
+        self.fe = self.vm.plug(self.vfs[0], style=self.style, status=self.status, wanted=wanted)
         self.current = self.vfs[0]
         self.active = list(range(self.pairs))
+        # RX offered per pair, and when the first frame since the last delivery came
+        # to a running queue (frames a stopped queue drops are owed to nobody)
+        self.offered = [0] * self.pairs
+        self.first_owed: list[int | None] = [None] * self.pairs
+        steer = steer_by_flow(self.active)
+
+        def counting_steer(batch) -> int:
+            pair = steer(batch)
+            if 0 <= pair < self.pairs:
+                self.offered[pair] += len(batch.lengths)
+                if (self.first_owed[pair] is None
+                        and self.current.model.queues[2 * pair].running):
+                    self.first_owed[pair] = world.now
+            return pair
         for vf in self.vfs:
-            vf.model.datapath.steer = steer_by_flow(self.active)
+            vf.model.datapath.steer = counting_steer
         self.tester = cable(world, self.current)
         self.sink = Sink(world, self.tester, flows=flows * self.pairs, flow_base=self.vm.guest.tx_flow_base)
         self.gen = None
-        if self.traffic["rx_gbps"] > 0:
-            size = self.traffic["frame_size"]
+        size = t["frame_size"]
+        if t["rx_gbps"] > 0:
             burst = max(32, min(512, 32768 // size))
-            self.gen = Generator(world, self.tester, size, rate_gbps=self.traffic["rx_gbps"],
-                                 burst=burst, flows=flows * self.pairs, flow_run=burst)
+            self.gen = Generator(world, self.tester, size, rate_gbps=t["rx_gbps"],
+                                 burst=burst, flows=rx_flows, flow_run=burst)
+        self._rx_pattern = pattern
+        # Replies (ping-like): flows rx_flows .. 2 * rx_flows - 1 of the guest's checker
+        self.responder = None
+        if t["reply"]:
+            self.responder = Responder(world, self.tester, size, delay_us=t["reply_delay_us"],
+                                       flows=rx_flows, flow_base=rx_flows)
+            self.sink.on_frames.append(self.responder.answer)
+        self.rx_gap_bound_us = self._rx_gap_bound()
+        self.stalls: list[dict] = []
         self.samples: list[Sample] = []
         self.legs: list[Leg] = []
         self.leaked: list[str] = []
@@ -94,19 +143,130 @@ class MigrationRun:
     # --- traffic accounting ------------------------------------------------------
     def _sample(self):
         world = self.host.world
-        step = world.cycles(SAMPLE_US * 1000)
+        low_rate = self.traffic["rx_pps"] or self.traffic["tx_pps"]
+        step = world.cycles((LOW_RATE_SAMPLE_US if low_rate else SAMPLE_US) * 1000)
         while True:
-            self.samples.append(Sample(world.now_ns() / 1000, self.vm.guest.rx_counts().bytes,
-                                       self.sink.counts().bytes))
+            rx, tx = self.vm.guest.rx_counts(), self.sink.counts()
+            self.samples.append(Sample(world.now_ns() / 1000, rx.bytes, tx.bytes, rx.frames,
+                                       tx.frames))
             yield world.timeout(step)
 
     def _rate(self, t0_us: float, t1_us: float) -> dict:
         pts = [s for s in self.samples if t0_us <= s.t_us <= t1_us]
         if len(pts) < 2 or pts[-1].t_us <= pts[0].t_us:
-            return {"rx_gbps": 0.0, "tx_gbps": 0.0}
+            return {"rx_gbps": 0.0, "tx_gbps": 0.0, "rx_pps": 0.0, "tx_pps": 0.0}
         dt = (pts[-1].t_us - pts[0].t_us) * 1e-6
         return {"rx_gbps": round((pts[-1].rx_bytes - pts[0].rx_bytes) * 8 / dt / 1e9, 3),
-                "tx_gbps": round((pts[-1].tx_bytes - pts[0].tx_bytes) * 8 / dt / 1e9, 3)}
+                "tx_gbps": round((pts[-1].tx_bytes - pts[0].tx_bytes) * 8 / dt / 1e9, 3),
+                "rx_pps": round((pts[-1].rx_frames - pts[0].rx_frames) / dt, 1),
+                "tx_pps": round((pts[-1].tx_frames - pts[0].tx_frames) / dt, 1)}
+
+    # --- liveness ------------------------------------------------------------------
+    def _rx_gap_bound(self) -> float:
+        """[expect] max_rx_gap_us, or max(2 ms, 4 mean gaps between arrivals at one RX queue)."""
+        stated = self.scenario.section("expect")["max_rx_gap_us"]
+        if stated:
+            return stated
+        t = self.traffic
+        wire = t["frame_size"] + 20          # preamble, IFG
+        per_queue = 0.0                      # arrivals per second at one RX queue
+        if t["rx_gbps"]:
+            per_queue += t["rx_gbps"] * 1e9 / 8 / wire / self.pairs
+        if t["rx_pps"]:
+            per_queue += t["rx_pps"] / t["burst"] / self.pairs
+        if t["reply"]:
+            sent = t["tx_pps"] / t["burst"] if t["tx_pps"] else t["tx_gbps"] * 1e9 / 8 / wire
+            per_queue += sent / self.pairs
+        if not per_queue:
+            return MIN_RX_GAP_US
+        return max(MIN_RX_GAP_US, GAP_MEANS * 1e6 / per_queue)
+
+    def _ring_indexes(self, pair: int) -> dict:
+        """Guest ring indexes from guest RAM, the VF's from its model (read only)."""
+        guest = self.vm.guest
+        lay = guest.layout[2 * pair]
+        view = guest.memory.view
+
+        def u16(gpa):
+            return int.from_bytes(view[gpa:gpa + 2], "little")
+        q = guest.queues[2 * pair]
+        out = {"avail_idx": u16(lay.avail + 2), "used_idx": u16(lay.used + 2),
+               "used_event": u16(lay.avail + 4 + 2 * lay.size),
+               "avail_event": u16(lay.used + 4 + 8 * lay.size),
+               "avail_flags": u16(lay.avail), "used_flags": u16(lay.used),
+               "guest_in_flight": lib.ifc_gvq_in_flight(q.c)}
+        vfq = self.current.model.datapath.stats()["queues"].get(2 * pair, {})
+        out.update(vf=self.current.model.name, vf_last_avail=vfq.get("last_avail"),
+                   vf_last_used=vfq.get("last_used"), vf_starvations=vfq.get("starvations"),
+                   vf_fifo_drops=vfq.get("fifo_drops"))
+        return out
+
+    def _liveness(self):
+        """The liveness check (module doc, 4), a simpy process until the traffic stops."""
+        world = self.host.world
+        guest = self.vm.guest
+        bound = world.cycles(self.rx_gap_bound_us * 1000)
+        step = max(world.cycles(10_000), bound // 8)
+        delivered = [0] * self.pairs
+        runnable_since: list[int | None] = [None] * self.pairs
+        open_ = self._open_stalls = [None] * self.pairs
+        while self._live:
+            yield world.timeout(step)
+            if not self._live:
+                return
+            now = world.now
+            for p in range(self.pairs):
+                rx = guest.pairs[p].rx
+                got = rx.stats.frames
+                if got != delivered[p]:
+                    delivered[p] = got
+                    self.first_owed[p] = None
+                    if open_[p] is not None:
+                        self._close_stall(open_[p], now)
+                        open_[p] = None
+                    continue
+                running = self.current.model.queues[2 * p].running
+                runnable = (running and not guest.paused and not rx.broken
+                            and lib.ifc_gvq_in_flight(rx.c) > 0)
+                if not runnable:
+                    # what was owed was delivered, or dropped (and counted) by the stop
+                    runnable_since[p] = None
+                    self.first_owed[p] = None
+                    continue
+                if runnable_since[p] is None:
+                    runnable_since[p] = now
+                owed = self.first_owed[p]
+                if open_[p] is not None:
+                    open_[p]["indexes_last"] = self._ring_indexes(p)
+                    open_[p]["last_us"] = round(world.ns(now) / 1000, 3)
+                    continue
+                if owed is None:
+                    continue
+                start = max(owed, runnable_since[p])
+                if now - start > bound:
+                    open_[p] = {"queue": 2 * p, "from_us": round(world.ns(start) / 1000, 3),
+                                "to_us": None, "gap_us": None,
+                                "detected_us": round(world.ns(now) / 1000, 3),
+                                "delivered_before": got, "offered_before": self.offered[p],
+                                "indexes": self._ring_indexes(p)}
+                    self.stalls.append(open_[p])
+                    world.record("liveness", "rx_stall", queue=2 * p, since=start)
+
+    def _end_liveness(self) -> None:
+        """Traffic stopped: windows still open end with the run."""
+        world = self.host.world
+        self._live = False
+        for stall in self._open_stalls:
+            if stall is not None:
+                stall["indexes_at_end"] = self._ring_indexes(stall["queue"] // 2)
+                stall["offered_during"] = self.offered[stall["queue"] // 2] - stall["offered_before"]
+                stall["gap_us"] = round(world.now_ns() / 1000 - stall["from_us"], 3)
+
+    def _close_stall(self, stall: dict, now: int) -> None:
+        world = self.host.world
+        stall["to_us"] = round(world.ns(now) / 1000, 3)
+        stall["gap_us"] = round(stall["to_us"] - stall["from_us"], 3)
+        stall["offered_during"] = self.offered[stall["queue"] // 2] - stall["offered_before"]
 
     # --- migration ---------------------------------------------------------------
     def _cpu_ranges(self) -> list[tuple[int, int]]:
@@ -189,7 +349,16 @@ class MigrationRun:
         world = self.host.world
         wall0 = time.perf_counter()
         world.process(self._sample())
+        self._live = True
+        self._open_stalls = [None] * self.pairs
+        world.process(self._liveness())
         self.vm.guest.start()
+        t = self.traffic
+        if t["rx_pps"] > 0:
+            flows = t["flows_per_pair"] * self.pairs
+            self.gen = Generator(world, self.tester, t["frame_size"], flows=flows,
+                                 flow_run=t["burst"], arrivals=Arrivals(world, t["rx_pps"], name="gen.arrivals",
+                                                   **self._rx_pattern))
         if self.gen:
             self.gen.start()
         t_start = world.now_ns() / 1000
@@ -214,8 +383,11 @@ class MigrationRun:
         world.advance_ns(self.traffic["duration_us"] * 1000)
         t_end = world.now_ns() / 1000
         self.progress("drain", {})
+        self._end_liveness()
         if self.gen:
             self.gen.stop()
+        if self.responder:
+            self.responder.stop()
         self.vm.guest.stop_tx()
         self._drain()
         result = self._report(t_start, t_mig, t_switch, t_end)
@@ -254,6 +426,15 @@ class MigrationRun:
                             out[key] = out.get(key, 0) + st[why]
         return out
 
+    def _interrupt_counts(self) -> dict:
+        guest = self.vm.guest
+        out = {"delivery": guest.interrupts, "irq_none": guest.irq_none + sum(q.irq_none for q in guest.queues),
+               "handled": {q.index: q.handled for q in guest.queues},
+               "refill_work": sum(p.refill_works for p in guest.pairs)}
+        if guest.interrupts == "intx":
+            out["intx"] = guest.intx_interrupts
+        return out
+
     def _exclusion(self) -> list[str]:
         """Times when a queue of one VF ran while a queue of another VF also ran."""
         def intervals(vf):
@@ -283,7 +464,7 @@ class MigrationRun:
         tx = self.sink.counts()
         drops = self._vf_drops()
         dropped = sum(drops.values())
-        offered = self.gen.frames if self.gen else 0
+        offered = (self.gen.frames if self.gen else 0) + (self.responder.frames if self.responder else 0)
         rx_missing = offered - rx.frames
         rx_unexplained = rx_missing - dropped
         tx_missing = guest.tx_frames() - tx.frames
@@ -310,6 +491,22 @@ class MigrationRun:
         if rx.out_of_order or tx.out_of_order or rx.corrupted or tx.corrupted:
             problems.append(f"frames out of order or corrupted: rx {rx.as_dict()}, tx {tx.as_dict()}")
         problems += exclusion + self.leaked
+        def where(ix):
+            return (f"guest avail idx {ix['avail_idx']}, used idx {ix['used_idx']}, used_event "
+                    f"{ix['used_event']}, avail_event {ix['avail_event']}, {ix['guest_in_flight']} "
+                    f"buffers posted; {ix['vf']} last_avail {ix['vf_last_avail']}, last_used "
+                    f"{ix['vf_last_used']}, starvations {ix['vf_starvations']}, fifo_drops "
+                    f"{ix['vf_fifo_drops']}")
+        for st in self.stalls:
+            ix = st["indexes"]
+            until = f"{st['to_us']} us" if st["to_us"] is not None else "the end of the traffic"
+            problems.append(
+                f"RX stall on queue {st['queue']}: no delivery from {st['from_us']} us until {until} "
+                f"({st['gap_us']} us > max_rx_gap_us {round(self.rx_gap_bound_us, 3)}; "
+                f"{st.get('offered_during', 0)} frames offered meanwhile); at {st['detected_us']} us: "
+                + where(ix)
+                + (f"; at {st['last_us']} us: " + where(st["indexes_last"])
+                   if "indexes_last" in st else ""))
         problems += [f"guest: {e}" for e in guest.errors]
         for vf in self.vfs:
             problems += [f"{vf.model.name}: {e}" for e in vf.model.errors]
@@ -356,11 +553,17 @@ class MigrationRun:
                 "in_order": not (rx.out_of_order or tx.out_of_order),
                 "exclusive": not exclusion,
                 "in_flight_at_switchover": in_flight,
+                "live": not self.stalls,
+                "max_rx_gap_us": round(self.rx_gap_bound_us, 3),
+                "rx_stalls": self.stalls,
             },
             "migration": migration,
             "traffic": {
                 "tx_frames": tx.frames, "rx_frames": rx.frames,
                 "tx_sent_by_guest": guest.tx_frames(), "rx_offered": offered,
+                "rx_offered_per_pair": list(self.offered),
+                "rx_replies": self.responder.frames if self.responder else 0,
+                "interrupts": self._interrupt_counts(),
                 "rx_dropped_by_vf": drops,
                 "before": self._rate(t_start, t_mig),
                 "during": self._rate(t_mig, t_switch),

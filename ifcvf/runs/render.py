@@ -76,6 +76,10 @@ def show_migration(result: dict, console) -> None:
     for d in ("rx", "tx"):
         rates.add_row("to the guest" if d == "rx" else "from the guest",
                       *(f"{t[w][f'{d}_gbps']:.2f}" for w in ("before", "during", "after")))
+    for d in ("rx", "tx"):
+        if any(t[w].get(f"{d}_pps") for w in ("before", "during", "after")):
+            rates.add_row("  frames/s " + ("to the guest" if d == "rx" else "from the guest"),
+                          *(f"{t[w].get(f'{d}_pps', 0):.0f}" for w in ("before", "during", "after")))
     console.print(rates)
     mig = result.get("migration")
     if mig:
@@ -102,6 +106,9 @@ def show_migration(result: dict, console) -> None:
     checks.add_row("frames duplicated", str(inv["frames_duplicated"]))
     checks.add_row("frames in order", _mark(inv["in_order"]))
     checks.add_row("source and destination never ran together", _mark(inv["exclusive"]))
+    if "live" in inv:
+        checks.add_row(f"RX never stalled beyond {inv['max_rx_gap_us'] / 1000:g} ms (liveness)",
+                       _mark(inv["live"]))
     console.print(checks)
     console.print(f"frames: guest sent {t['tx_sent_by_guest']}, left on a wire {t['tx_frames']}; "
                   f"offered to the guest {t['rx_offered']}, delivered {t['rx_frames']}, "

@@ -263,3 +263,50 @@ def test_pooled_batches_keep_their_bytes_while_anyone_holds_them():
     assert bytes(kept.data) == expected and len(pool) == 2
     big = s.batch(65, pool)                      # more than a pool buffer: a plain bytearray
     assert isinstance(big.data, bytearray) and bytes(big.data) == bytes(ref.batch(65).data)
+
+
+# --- low-rate sources (issue 10) ----------------------------------------------------------
+def test_arrivals_constant_poisson_and_on_off():
+    from sim.traffic import Arrivals
+
+    world = World(3)
+    a = Arrivals(world, 1000.0, start=0)                       # every 1 ms
+    ms = world.cycles(1_000_000)
+    assert [a.take(k * ms) for k in range(1, 4)] == [1, 1, 1]
+    p = Arrivals(world, 1000.0, pattern="poisson", start=0, name="p")
+    n = p.take(world.cycles(2_000_000_000))                       # 2 s
+    assert 1800 < n < 2200
+    gaps_seen = Arrivals(world, 1000.0, pattern="poisson", start=0, name="p")
+    assert gaps_seen.next_at() == Arrivals(world, 1000.0, pattern="poisson", start=0,
+                                           name="p").next_at()   # seeded by name
+    o = Arrivals(world, 10_000.0, burst=2, on_us=1000, off_us=4000, start=0)
+    # 5000 arrivals/s of 2 frames while on: 5 per on period (the first one starts a
+    # gap after the start), none in the off period
+    assert o.take(world.cycles(1_000_000)) == 8
+    assert o.take(world.cycles(4_999_000)) == 0
+    assert o.take(world.cycles(6_000_000)) == 10
+    with pytest.raises(ValueError):
+        Arrivals(world, 0.0)
+    with pytest.raises(ValueError):
+        Arrivals(world, 10.0, off_us=5.0)
+    with pytest.raises(ValueError):
+        Arrivals(world, 10.0, pattern="bursty")
+
+
+def test_a_generator_on_arrivals_and_a_responder_answer_frame_for_frame():
+    from sim.traffic import Arrivals, Responder
+    from sim.guest_testdev import link
+
+    world = World(5)
+    a, b = link(world)
+    c, d = link(world)
+    gen = Generator(world, a, 128, arrivals=Arrivals(world, 2000.0, start=0), max_frames=20)
+    sink = Sink(world, b)
+    resp = Responder(world, c, 98, delay_us=50.0)
+    back = Sink(world, d)
+    sink.on_frames.append(resp.answer)
+    gen.start()
+    world.run_until(world.cycles(11_000_000))                  # 20 frames in 10 ms
+    assert gen.frames == 20 and sink.counts().good == 20
+    assert resp.frames == back.counts().good == 20 and back.counts().clean
+    assert back.first_arrival >= sink.first_arrival + world.cycles(50_000)

@@ -134,3 +134,31 @@ def test_bench_relay_poll_reports_the_cost_of_each_state(tmp_path):
     states = {s["state"]: s for s in result["states"]}
     assert states["empty"]["polls_per_s"] == 0
     assert states["armed"]["polls_per_s"] > 0 and result["ns_per_poll"] > 0
+
+
+def test_the_relay_kicks_for_a_guest_that_published_past_a_stale_avail_event():
+    """The VF asks for a kick at buffer 2 in its (mediated) used ring; the guest,
+    reading the old copy, published buffers 0..3 without kicking.  The relay
+    mirrors the request, sees the guest already past it, and kicks for it."""
+    rig = Rig()
+    try:
+        rig.guest.post(4)
+        relay = relay_with_poll(rig)
+        rig.guest.device_header(flags=0, avail_event=2)
+        relay.poll()
+        assert rig.doorbell(0) == b"\x00\x00\xAA\xAA"       # queue 0's index, one 16-bit store
+        assert relay.stats(0).relay_kicks == 1
+    finally:
+        rig.close()
+
+
+def test_no_kick_when_the_guest_has_not_reached_the_new_avail_event():
+    rig = Rig()
+    try:
+        rig.guest.post(4)
+        relay = relay_with_poll(rig)
+        rig.guest.device_header(flags=0, avail_event=4)     # the guest will kick itself at 4
+        relay.poll()
+        assert rig.doorbell(0) == b"\xAA" * 4 and relay.stats(0).relay_kicks == 0
+    finally:
+        rig.close()
