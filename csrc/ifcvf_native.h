@@ -514,8 +514,10 @@ int ifc_notify_catch_up(struct ifc_notify_ctx *ctx, uint32_t qid,
  * every relay of a queue (see res->poll): FAST -> poll again min_ns later,
  * doubling up to max_ns while polls find nothing; SLOW (the device will
  * interrupt) -> a safety poll every max_ns, since the guest may move
- * used_event back at any time; NONE (the device holds no buffer) -> no poll
- * until a kick of that queue, which restarts at min_ns.  run() uses a
+ * used_event back at any time; NONE (the device holds no buffer) -> also
+ * every max_ns, since the device asks for its kick in the mediated ring
+ * after draining it and only a poll copies that to the guest (res->kick),
+ * and a kick of that queue brings the next poll to min_ns.  run() uses a
  * timerfd; a simulator asks ifc_notify_next_poll and calls ifc_notify_poll
  * at modelled times.  min_ns 0 turns polling off. */
 int ifc_notify_set_poll(struct ifc_notify_ctx *ctx, uint32_t min_ns, uint32_t max_ns);

@@ -79,8 +79,8 @@ static void do_kick(struct ifc_notify_ctx *ctx, uint32_t qid, struct out *o)
     if (!drain(nq->kick_fd))
         return;
     __atomic_fetch_add(&nq->kicks, 1, __ATOMIC_RELAXED);
-    if (nq->relay != NULL && ctx->poll_min_ns && nq->poll_ns == 0)
-        nq->poll_ns = ctx->poll_min_ns;   /* new buffers: see whether it interrupts for them */
+    if (nq->relay != NULL && ctx->poll_min_ns && nq->poll_advice == IFC_RELAY_POLL_NONE)
+        nq->poll_ns = ctx->poll_min_ns;   /* new buffers: see soon whether it interrupts for them */
     ring_doorbell(nq, qid, o);
 }
 
@@ -97,9 +97,13 @@ static void plan_poll(struct ifc_notify_ctx *ctx, struct ifc_notify_queue *nq, u
                       uint64_t relayed)
 {
     uint32_t next = 0;
-    if (ctx->poll_min_ns == 0 || advice == IFC_RELAY_POLL_NONE)
+    if (ctx->poll_min_ns == 0)
         next = 0;
-    else if (advice == IFC_RELAY_POLL_SLOW)
+    else if (advice != IFC_RELAY_POLL_FAST)
+        /* SLOW: the guest may move used_event back at any time.  NONE: the
+         * device that drained the ring asks for a kick in the mediated ring
+         * a moment later, after this look; the guest, reading the old copy,
+         * may never kick.  A slow poll mirrors it and kicks for the guest. */
         next = ctx->poll_max_ns;
     else if (relayed || nq->poll_advice != IFC_RELAY_POLL_FAST || nq->poll_ns == 0)
         next = ctx->poll_min_ns;   /* found work, or just became unsafe: look again soon */

@@ -57,8 +57,9 @@ NOTIFY_PAGE = 4096    # what QEMU maps for a host notifier
 # used_event from the guest's avail ring, which the guest sets from what the
 # relay showed it, so the VF completes entries silently whenever the guest's
 # value is behind it (see ifc_notify_set_poll).  20 us while that may be so,
-# backing off to 1 ms while the VF will interrupt anyway, none while it holds
-# no buffer.
+# backing off to 1 ms otherwise (the guest may move used_event back, and the
+# VF's request for a kick after draining its ring reaches the guest only
+# through the relay).
 RELAY_POLL_MIN_NS = 20_000
 RELAY_POLL_MAX_NS = 1_000_000
 

@@ -19,9 +19,9 @@ used_event from the guest's avail ring, which the guest sets from what the
 relay showed it, so whenever that value is behind the VF the VF completes
 entries silently.  The relay therefore polls each relayed RX queue: every
 20 us while the VF may complete silently (backing off to 1 ms while polls
-find nothing), every 1 ms while the VF will interrupt (a safety net: the
-guest may move used_event back at any time), never while the VF holds no
-guest buffer.  This measures that cost on this machine.
+find nothing), every 1 ms otherwise (a safety net: the guest may move
+used_event back at any time, and a VF that drained its ring asks for its
+kick in the driver's ring).  This measures that cost on this machine.
 
   ns/poll         one ifc_notify_poll over --queues idle relayed queues, called
                   in a loop (median of --repeat runs): the C work per wake-up

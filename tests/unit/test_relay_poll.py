@@ -74,7 +74,7 @@ def test_polls_fast_while_the_guest_used_event_is_behind_the_device():
         rig.close()
 
 
-def test_polls_slowly_once_the_device_will_interrupt_and_not_when_it_holds_nothing():
+def test_polls_slowly_once_the_device_will_interrupt_or_holds_nothing():
     rig = Rig()
     try:
         rig.guest.post(4)
@@ -88,7 +88,7 @@ def test_polls_slowly_once_the_device_will_interrupt_and_not_when_it_holds_nothi
             rig.guest.device_used((i, 64))
         relay.poll()
         assert rig.guest.guest_used()[1] == 4
-        assert relay.next_poll_ns() == 0          # holds no buffer: nothing to poll for
+        assert relay.next_poll_ns() == MAX_NS     # holds no buffer: only its kick request to copy
         rig.guest.post(2)
         os.eventfd_write(rig.kick[0], 1)          # new buffers and a kick: look again
         relay.step()
@@ -125,15 +125,15 @@ def test_without_event_idx_the_no_interrupt_flag_decides():
 
 
 def test_bench_relay_poll_reports_the_cost_of_each_state(tmp_path):
-    """The benchmark's own sanity: no polls while the VF holds no buffer, polls otherwise."""
+    """The benchmark's own sanity: it measures polls in every state."""
 
     out = tmp_path / "poll.json"
     assert main(["bench", "relay-poll", "--queues", "2", "--seconds", "0.05", "--repeat", "1",
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     states = {s["state"]: s for s in result["states"]}
-    assert states["empty"]["polls_per_s"] == 0
-    assert states["armed"]["polls_per_s"] > 0 and result["ns_per_poll"] > 0
+    assert all(states[name]["polls_per_s"] > 0 for name in ("armed", "stale", "empty"))
+    assert result["ns_per_poll"] > 0
 
 
 def test_the_relay_kicks_for_a_guest_that_published_past_a_stale_avail_event():
