@@ -1,5 +1,6 @@
 # `make run` and `make test` are the whole set-up: each creates .venv if needed,
-# installs the project into it (compiling csrc/ through cffi) and runs.
+# installs the project into it (compiling csrc/ through cffi into both native
+# modules, ifcvf._native from csrc/driver/ and sim._native from csrc/sim/) and runs.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ SCENARIO ?= scenarios/live-migration.toml
 
 .PHONY: run test install clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*/*.c csrc/*/*.h csrc/*/*.py)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -23,4 +24,4 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info ifcvf/_native.* .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info ifcvf/_native.* sim/_native.* .pytest_cache .hypothesis

@@ -1,8 +1,10 @@
 """The vhost dirty log: one bit per 4 KiB guest-physical page.
 
 The front-end owns the memory and clears it with atomic exchanges while the
-back-end and the device set bits, so both operations go through C atomics
-(``csrc/dirtylog.c``).  This module only adapts buffers and errors.
+back-end and the device set bits, so marking goes through a C atomic OR
+(``csrc/driver/dirtylog.c``).  This module only adapts buffers and errors.
+The front-end's fetch-and-clear is not the driver's: the simulator's QEMU role
+has it (``sim.migration.DirtyLogReader``, ``csrc/sim/qemu_log.c``).
 """
 from __future__ import annotations
 
@@ -54,14 +56,6 @@ class DirtyLog:
                 f"guest addresses below {self.pages * PAGE_SIZE:#x}")
         if rc != lib.IFC_OK:
             raise ValueError(f"ifc_log_mark failed ({rc})")
-
-    def fetch_and_clear(self) -> bytes:
-        """Atomically take and zero every word, as QEMU does in a migration iteration."""
-        out = bytearray(self.size)
-        rc = lib.ifc_log_fetch_clear(self._ptr, self.size, ffi.from_buffer("uint8_t[]", out))
-        if rc < 0:
-            raise ValueError(f"ifc_log_fetch_clear failed ({rc})")
-        return bytes(out)
 
     def dirty_pages(self) -> list[int]:
         """Page numbers whose bit is set (a snapshot, not atomic)."""

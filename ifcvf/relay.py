@@ -1,4 +1,4 @@
-"""The SW-assisted live-migration relay: Python face of csrc/relay.c and csrc/notify.c.
+"""The SW-assisted live-migration relay: Python face of csrc/driver/relay.c and csrc/driver/notify.c.
 
 * ``MemoryTable``: guest memory as C sees it (up to 8 GPA regions with host addresses).
 * ``MediatedRing``: a driver-owned split ring in host memory (the device's used ring
@@ -9,7 +9,7 @@
   with the GIL released (VFIO backend, on a thread), ``step()`` polls once (simulator).
 
 The exact relay semantics (checks, order, what an error leaves untouched) are in the
-comment above ``ifc_relay_used`` in csrc/ifcvf_native.h; tests/relay_oracle.py restates
+comment above ``ifc_relay_used`` in csrc/driver/ifcvf_native.h; tests/relay_oracle.py restates
 them in Python and the property tests keep the two equal.
 
 Lifetimes: C keeps raw pointers into the memory table copy, the scratch array, the log,

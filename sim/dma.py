@@ -13,7 +13,7 @@ only used while the generation it was built for is current.
 """
 from __future__ import annotations
 
-from ifcvf._native import ffi
+from sim._native import ffi
 from sim.iommu import IommuDomain
 
 

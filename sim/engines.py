@@ -2,7 +2,7 @@
 
 An engine is transaction-level: a wake-up (a *round*) takes a batch of avail
 entries (at most ``engine_batch``), does all the ring work for them in one C
-call (``csrc/simdp.c``: walk and validate every chain, copy frames, write
+call (``csrc/sim/simdp.c``: walk and validate every chain, copy frames, write
 RX buffers, mark dirty pages), computes the PCIe and wire timestamps of the
 batch arithmetically, and schedules one event for its completion, where the
 used entries are published and the interrupt decision is taken.  An idle
@@ -81,7 +81,7 @@ from array import array
 from collections import deque
 from typing import Callable
 
-from ifcvf._native import ffi, lib
+from sim._native import ffi, lib
 from sim import virtio_regs as vr
 from sim.dma import SegmentTable
 from sim.frames import FrameBatch
@@ -753,7 +753,7 @@ class RxEngine(_Engine):
         else:
             ids, lens = ffi.new("uint32_t[]", cap), ffi.new("uint32_t[]", cap)
         # The fills over the FIFO's batches and the round's PCIe timing, in one
-        # C call (csrc/simdp.c); it says how many batches it used up.
+        # C call (csrc/sim/simdp.c); it says how many batches it used up.
         popped = _rx_round(cq, self._link_c, now, self._cfifo, self.batch, ids, lens, cap, log,
                            self._in_flight, r, t)
         for _ in range(popped):

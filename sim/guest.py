@@ -32,7 +32,7 @@ Kicks and interrupts are eventfds: the guest kicks with
 through a host notifier) and watches ``call_fd`` (under INTx every call fd
 stands for QEMU's guest notifier: readable -> ISR bit 0 -> the line).
 
-The per-buffer work runs in C a batch per call (``csrc/guest_ring.c``): every
+The per-buffer work runs in C a batch per call (``csrc/sim/guest_ring.c``): every
 received frame is checked end to end with the traffic checker of
 ``sim.traffic`` (flow, sequence, every payload byte), every sent frame is a
 test frame the sink on the far side of the device can check.
@@ -44,7 +44,7 @@ from ``base`` (default 1 MiB) upwards; ``GuestNet.layout`` holds the numbers::
         desc    16 * size                      descriptor table
         avail   6 + 2 * size                   flags, idx, ring[size], used_event
         used    page aligned, 6 + 8 * size     flags, idx, ring[size], avail_event
-        priv    64-aligned driver-private block (csrc/guest_ring.c: shadow avail
+        priv    64-aligned driver-private block (csrc/sim/guest_ring.c: shadow avail
                 idx, last used idx, free-buffer ring, per-buffer state)
         seq     TX: one u64 next sequence number per flow of the queue
         hdrs    TX split/indirect chains: one 16-byte net-header slot per buffer
@@ -82,7 +82,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ifcvf._native import ffi, lib
+from sim._native import ffi, lib
 from sim import virtio_regs as vr
 from sim.traffic import (DEFAULT_DST_MAC, DEFAULT_SRC_MAC, Arrivals, CheckCounts, Checker,
                          SizeDist, Stream, mac_bytes)

@@ -344,7 +344,7 @@ class NullDevice:
 
     def __init__(self, world: World, guest, *, rx_frame_size: int = 1518, batch: int = 64,
                  period_ns: float | None = None, kick_ns: float = 200.0, irq_ns: float = 500.0):
-        from ifcvf._native import ffi, lib
+        from sim._native import ffi, lib
         self.world = world
         self.guest = guest
         self.view = guest.memory.view

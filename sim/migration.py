@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ifcvf._native import ffi, lib
+from sim._native import ffi, lib
 from sim.frontend import FrontEnd, Region, RingAddresses
 from sim.world import World
 

@@ -30,7 +30,7 @@ Neugebauer et al., SIGCOMM'18, and their pcie-bench model):
 Counting the TLPs of a batch (how many requests, completions and write TLPs,
 how many payload bytes) is done by the C ring code, which sees the addresses;
 this class turns counts into time (with the pipes' state in C,
-``struct ifc_link`` in csrc/simdp.c).
+``struct ifc_link`` in csrc/sim/simdp.c).
 
 Rounds compute their whole timeline when they start, so a transfer may be
 reserved in the future while a later-computed one (another queue's small
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from ifcvf._native import ffi, lib
+from sim._native import ffi, lib
 from sim.world import World
 
 REQ_BYTES = 24          # MRd with 64-bit address: framing 8 + header 16

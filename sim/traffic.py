@@ -13,7 +13,7 @@ Test frames identify themselves, so a checker needs no copy of what was sent::
 
 The same format is written by the generator on the wire and by the guest's TX
 producer into its buffers; the sink on the wire and the guest's RX consumer
-check it with the same C checker (``csrc/guest_frames.c``): per flow, in
+check it with the same C checker (``csrc/sim/guest_frames.c``): per flow, in
 order / out of order (a late frame filling a gap) / duplicate / lost (gaps not
 filled), and every byte of every frame (runt, foreign, bad length, bad flow,
 bad payload).  Frames are filled and checked a whole batch per C call.
@@ -28,7 +28,7 @@ from array import array
 from dataclasses import dataclass, fields
 from typing import Iterable
 
-from ifcvf._native import ffi, lib
+from sim._native import ffi, lib
 from sim.frames import FCS_BYTES, WIRE_OVERHEAD, FrameBatch, buffer_length
 from sim.wire import BufferPool
 from sim.world import World
@@ -197,7 +197,7 @@ class Stream:
 # --- checking -----------------------------------------------------------------------
 @dataclass
 class CheckCounts:
-    """What a checker saw (see ``ifc_check_stats`` in csrc/ifcvf_native.h)."""
+    """What a checker saw (see ``ifc_check_stats`` in csrc/sim/sim_native.h)."""
 
     frames: int = 0
     bytes: int = 0

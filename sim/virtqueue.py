@@ -7,7 +7,7 @@ The device side of the datapath lives in:
 - ``sim.pcie_link`` ``PcieLink``: the VF's PCIe link timing (TLP overhead, latency);
 - ``sim.dma``       ``DmaDomain`` / ``SegmentTable``: the IOMMU as the C ring code sees it;
 - ``sim.wire``      ``Port``, ``connect``: the 100G wire;
-- ``csrc/simdp.c``  the per-batch ring work in C.
+- ``csrc/sim/simdp.c``  the per-batch ring work in C.
 
 ``SplitRing`` below is the *driver's* view of one split virtqueue (virtio 1.x
 2.7) in a byte buffer that stands for guest memory: tests and benchmarks use

@@ -37,7 +37,7 @@ from collections import deque
 from fractions import Fraction
 from typing import Callable
 
-from ifcvf._native import ffi, lib
+from sim._native import ffi, lib
 from sim.frames import WIRE_OVERHEAD, FrameBatch
 from sim.world import World
 

@@ -1,6 +1,6 @@
-"""A pure-Python statement of the used-ring relay (csrc/relay.c), for differential tests.
+"""A pure-Python statement of the used-ring relay (csrc/driver/relay.c), for differential tests.
 
-Written from the semantics in csrc/ifcvf_native.h, not from the C: small, slow and
+Written from the semantics in csrc/driver/ifcvf_native.h, not from the C: small, slow and
 obviously correct.  Guest memory is a list of regions (gpa, buffer, host address); the
 host address is only used for the alignment rule on ring pointers.  Constants are
 restated here on purpose; a test checks they equal the C ones.

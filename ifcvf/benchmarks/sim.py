@@ -148,7 +148,7 @@ def micro_kernels(size: int, frames: int = 200_000, batch: int = 64) -> dict:
 def micro_rings(size: int, frames: int = 200_000, batch: int = 64, queue_size: int = 256) -> dict:
     """Frames per wall second of the guest's ring work in C, a batch per call."""
     from hal.memory import HostMemory
-    from ifcvf._native import lib
+    from sim._native import lib
     from sim.guest import GuestNet
     from sim.guest_testdev import NullDevice
     from sim.world import World

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "sim"))
 
-from ifcvf._native import ffi, lib  # noqa: E402
+from sim._native import ffi, lib  # noqa: E402
 from test_dirty_logging import Logged, written_pages  # noqa: E402
 from test_engine_rig import ALL, MRG, SLOT, Rig, frame  # noqa: E402
 from sim.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE  # noqa: E402

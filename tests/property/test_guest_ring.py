@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hal.memory import HostMemory
-from ifcvf._native import ffi, lib
+from sim._native import ffi, lib
 from sim import virtio_regs as vr
 from sim.guest import GuestNet
 from sim.traffic import Checker, SizeDist

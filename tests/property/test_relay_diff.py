@@ -3,7 +3,7 @@
 Each example builds guest memory (regions with holes, odd host alignment, one maybe at
 the top of the address space), guest rings, indirect tables, a mediated ring and a
 dirty log from a seed and a few hostility knobs, makes an identical copy, runs the C
-relay (csrc/relay.c, called directly) on one and tests/relay_oracle.py on the other,
+relay (csrc/driver/relay.c, called directly) on one and tests/relay_oracle.py on the other,
 and requires the same return values, error details, guest memory, mediated ring and
 log bits after set-up and after every call.  The module only needs ``ifcvf._native``,
 so the sanitizer test can run it against an ASan/UBSan build.

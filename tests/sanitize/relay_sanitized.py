@@ -1,12 +1,14 @@
-"""Run the relay tests against an AddressSanitizer + UBSan build of ifcvf._native.
+"""Run tests against AddressSanitizer + UBSan builds of both native modules.
 
     python tests/sanitize/relay_sanitized.py [--keep DIR] [TEST ...]
 
-Builds csrc/ with IFCVF_SANITIZE=1 into a temporary directory (the in-tree
-ifcvf/_native*.so is not touched), then runs pytest on the relay tests in a
-child process that preloads the ASan and UBSan runtimes (CPython itself is not
-instrumented, so ASan must be loaded first) and imports the sanitized module
-as ``ifcvf._native`` before any test module does.  PYTHONMALLOC=malloc puts
+Builds ifcvf._native (csrc/driver/) and sim._native (csrc/sim/) with
+IFCVF_SANITIZE=1 into a temporary directory (the in-tree ifcvf/_native*.so and
+sim/_native*.so are not touched), then runs pytest (by default on the relay
+tests) in a child process that preloads the ASan and UBSan runtimes (CPython
+itself is not instrumented, so ASan must be loaded first) and imports the
+sanitized modules as ``ifcvf._native`` and ``sim._native`` before any test
+module does.  PYTHONMALLOC=malloc puts
 every Python buffer (the tests' guest memory, logs, rings) on the instrumented
 malloc, so an out-of-bounds access by C is reported, not silently absorbed.
 detect_leaks=0 because CPython leaks by design at exit.
@@ -17,9 +19,11 @@ printed a report.  CI: ``.venv/bin/python tests/sanitize/relay_sanitized.py``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,19 +34,25 @@ DEFAULT_TESTS = ["tests/property/test_relay_diff.py", "tests/unit/test_relay.py"
 REPORT = re.compile(r"ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer"
                     r"|ERROR: LeakSanitizer")
 
+# The native modules, by name, and the build script of each (csrc/<dir>/build_native.py).
+MODULES = {"ifcvf._native": "driver", "sim._native": "sim"}
+
 BOOTSTRAP = r"""
-import importlib.util, os, sys
-path = os.environ["IFCVF_NATIVE_SO"]
-spec = importlib.util.spec_from_file_location("ifcvf._native", path)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-import ifcvf
-sys.modules["ifcvf._native"] = module
-ifcvf._native = module
+import importlib, importlib.util, json, os, sys
+paths = json.loads(os.environ["IFCVF_SANITIZED_MODULES"])
+for name, path in paths.items():
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+for name in paths:
+    package, _, attr = name.rpartition(".")
+    setattr(importlib.import_module(package), attr, sys.modules[name])
 import pytest
 code = pytest.main(sys.argv[1:])
-import ifcvf._native as check
-assert check.__file__ == path, (check.__file__, path)
+for name, path in paths.items():
+    check = importlib.import_module(name)
+    assert check.__file__ == path, (name, check.__file__, path)
 sys.exit(code)
 """
 
@@ -55,27 +65,33 @@ def runtime(name: str) -> str:
     return os.path.realpath(path)
 
 
-def build(outdir: pathlib.Path) -> pathlib.Path:
-    """Compile the sanitized extension into outdir; return the .so path."""
-    # cffi compiles from inside its tmpdir and the build script names sources
-    # relative to the project root, so give the tmpdir a csrc/ of its own.
-    link = outdir / "csrc"
-    if not link.exists():
-        link.symlink_to(ROOT / "csrc")
+def build(outdir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Compile both sanitized extensions into outdir; return {module name: .so path}."""
+    # cffi compiles from inside its tmpdir and the build scripts name sources
+    # relative to the project root, so give the tmpdir a copy of csrc/ (a copy,
+    # not a link: the objects are written next to the sources).
+    src = outdir / "csrc"
+    if src.is_symlink():
+        src.unlink()
+    shutil.copytree(ROOT / "csrc", src, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.o", "__pycache__"))
     env = dict(os.environ, IFCVF_SANITIZE="1")
     code = ("import runpy, sys; ns = runpy.run_path(sys.argv[1]); "
             "print(ns['ffibuilder'].compile(tmpdir=sys.argv[2], verbose=False))")
-    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "csrc" / "build_native.py"),
-                           str(outdir)], cwd=outdir, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"sanitized build failed:\n{done.stdout}\n{done.stderr}")
-    return pathlib.Path(done.stdout.strip().splitlines()[-1])
+    built = {}
+    for name, directory in MODULES.items():
+        done = subprocess.run([sys.executable, "-c", code, str(src / directory / "build_native.py"),
+                               str(outdir)], cwd=outdir, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"sanitized build of {name} failed:\n{done.stdout}\n{done.stderr}")
+        built[name] = pathlib.Path(done.stdout.strip().splitlines()[-1])
+    return built
 
 
-def sanitizer_env(so: pathlib.Path) -> dict:
+def sanitizer_env(sos: dict[str, pathlib.Path]) -> dict:
     return dict(
         os.environ,
-        IFCVF_NATIVE_SO=str(so),
+        IFCVF_SANITIZED_MODULES=json.dumps({name: str(path) for name, path in sos.items()}),
         LD_PRELOAD=":".join([runtime("libasan.so"), runtime("libubsan.so")]),
         ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:strict_string_checks=1",
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
@@ -85,13 +101,13 @@ def sanitizer_env(so: pathlib.Path) -> dict:
     )
 
 
-def run(so: pathlib.Path, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """pytest (args) in a child with the sanitizers loaded and ``so`` as ifcvf._native.
+def run(sos: dict[str, pathlib.Path], args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """pytest (args) in a child with the sanitizers loaded and the modules of ``sos`` imported.
 
     --capture=sys: pytest's default fd capture would swallow a sanitizer report,
     which the runtime writes to fd 2 just before it ends the process."""
     return subprocess.run([sys.executable, "-c", BOOTSTRAP, "--capture=sys", *args], cwd=ROOT,
-                          env=sanitizer_env(so), capture_output=True, text=True, timeout=timeout)
+                          env=sanitizer_env(sos), capture_output=True, text=True, timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ifcvf-san-") as tmp:
         outdir = pathlib.Path(args.keep or tmp)
         outdir.mkdir(parents=True, exist_ok=True)
-        so = build(outdir)
-        done = run(so, ["-q", "-p", "no:cacheprovider", *args.tests])
+        sos = build(outdir)
+        done = run(sos, ["-q", "-p", "no:cacheprovider", *args.tests])
         sys.stdout.write(done.stdout)
         sys.stderr.write(done.stderr)
         if REPORT.search(done.stdout + done.stderr):

@@ -1,7 +1,7 @@
-"""The datapath's C (csrc/simdp.c, guest_ring.c, guest_frames.c) under AddressSanitizer + UBSan.
+"""The simulator's C (csrc/sim/: simdp.c, guest_ring.c, guest_frames.c, qemu_log.c) under ASan + UBSan.
 
 The hostile-ring, property, engine and dirty-logging tests run in a child
-process against a sanitized build (tests/sanitize/relay_sanitized.py does the
+process against sanitized builds of sim._native and ifcvf._native (tests/sanitize/relay_sanitized.py does the
 build and the run); any out-of-bounds access or undefined behaviour fails it.
 """
 from __future__ import annotations
@@ -24,7 +24,9 @@ TESTS = ["tests/property/test_engine_props.py", "tests/sim/test_engine_faults.py
          # the guest's ring and frame kernels (csrc/guest_ring.c, guest_frames.c) and
          # the whole stack, one direction at a time, through the RX FIFO in C
          "tests/sim/test_traffic.py", "tests/sim/test_guest_datapath.py",
-         "tests/sim/test_guest_bench.py"]
+         "tests/sim/test_guest_bench.py",
+         # QEMU's fetch-and-clear of the dirty log (csrc/sim/qemu_log.c)
+         "tests/sim/test_qemu_log.py"]
 
 
 def load_script():
@@ -43,8 +45,8 @@ def test_datapath_c_is_clean_under_asan_and_ubsan(tmp_path):
         if not os.path.isabs(path):
             pytest.skip(f"gcc has no {lib} (install libasan/libubsan for gcc)")
     sanitize = load_script()
-    so = sanitize.build(tmp_path)
-    done = sanitize.run(so, ["-q", "-p", "no:cacheprovider", *[str(ROOT / t) for t in TESTS]],
+    sos = sanitize.build(tmp_path)
+    done = sanitize.run(sos, ["-q", "-p", "no:cacheprovider", *[str(ROOT / t) for t in TESTS]],
                         timeout=600)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]

@@ -9,11 +9,11 @@ import pytest
 
 from hal.memory import HostMemory
 from sim import virtio_regs as vr
+from sim._native import lib
 from sim.guest import GuestCosts, GuestNet, negotiate, net_header_len, plan_layout
 from sim.guest_testdev import RingDevice, link
 from sim.traffic import Generator, Sink, SizeDist, Stream
 from sim.world import World
-from ifcvf._native import lib
 
 V1, MRG, EVT, IND = vr.F_VERSION_1, vr.F_NET_MRG_RXBUF, vr.F_EVENT_IDX, vr.F_INDIRECT_DESC
 MODERN = vr.feature_mask(V1, MRG, EVT, IND)

@@ -4,7 +4,7 @@ from array import array
 
 import pytest
 
-from ifcvf._native import ffi, lib
+from sim._native import ffi, lib
 from sim.frames import FrameBatch
 from sim.guest_testdev import link
 from sim.traffic import (HEADER_LEN, IMIX, Checker, Generator, Sink, SizeDist, Stream, mac_bytes)
@@ -239,7 +239,7 @@ def test_sink_reports_bad_frames_in_the_trace():
 @pytest.mark.parametrize("flows,run", [(1, 1), (3, 2), (16, 5), (4, 512)])
 def test_one_size_streams_fill_exactly_as_the_general_path(size, flows, run):
     """A one-size stream fills from a header template, a flow's run at a time
-    (csrc/guest_frames.c); a table of two equal sizes takes the general path."""
+    (csrc/sim/guest_frames.c); a table of two equal sizes takes the general path."""
     fast = Stream(SizeDist([size]), flows=flows, flow_run=run, flow_base=5)
     general = Stream(SizeDist([size, size]), flows=flows, flow_run=run, flow_base=5)
     for n in (1, 7, 64, 3):

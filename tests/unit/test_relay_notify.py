@@ -1,4 +1,4 @@
-"""The notify relay (csrc/notify.c via ifcvf.relay.NotifyRelay): thread and step modes.
+"""The notify relay (csrc/driver/notify.c via ifcvf.relay.NotifyRelay): thread and step modes.
 
 Waiting is done on eventfds with timeouts (select), never by sleeping.  stop() is
 also a barrier: the loop handles every fd that was readable when it saw the stop

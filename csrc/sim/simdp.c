@@ -9,12 +9,13 @@
  *
  * Virtio rings are little-endian; like the rest of csrc/, this runs on
  * little-endian hosts only.  The semantics are specified next to the
- * declarations in ifcvf_native.h (section "Device side of the simulated
+ * declarations in sim_native.h (section "Device side of the simulated
  * datapath"). */
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
-#include "ifcvf_native.h"
+#include "sim_native.h"
+#include "logbits.h"
 
 #define DESC_F_NEXT 1
 #define DESC_F_WRITE 2
@@ -420,7 +421,7 @@ static void log_mark(struct ifc_dp_log *log, const struct ifc_dp_mem *m, uint64_
             log->cache_host = s->host;
             p = s->host + (byte_iova - s->iova);
         }
-        __atomic_fetch_or(p, (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
+        ifc_log_or_byte(p, (uint8_t)(1u << (page & 7)));
         log->set++;
         uint64_t word = byte_iova >> 3;
         if (!log->word_open || word != log->last_word) {

@@ -1,6 +1,8 @@
 /* Private to csrc/: setting bits in the vhost dirty log.  Shared by the
- * dirty-log primitives and the used-ring relay so both set bits the same way
- * (atomic OR: the front-end clears words with atomic exchanges meanwhile). */
+ * driver's dirty-log marking and used-ring relay (csrc/driver/) and the
+ * simulated device's logging (csrc/sim/simdp.c), so all of them set bits the
+ * same way (atomic OR: the front-end clears words with atomic exchanges
+ * meanwhile).  Compiled into each module that includes it; not in any cdef. */
 #ifndef IFC_LOGBITS_H
 #define IFC_LOGBITS_H
 

@@ -29,7 +29,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
-#include "ifcvf_native.h"
+#include "sim_native.h"
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2

@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
-#include "ifcvf_native.h"
+#include "sim_native.h"
 
 #define STEP 0x9E3779B97F4A7C15ull
 
