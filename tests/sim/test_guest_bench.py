@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from ifcvf.benchmarks.sim import (explain, explain_link, run_direction, run_directions,
+from ifcvf.tools.benchmarks.sim import (explain, explain_link, run_direction, run_directions,
                                   _default_link)
-from ifcvf.cli import main
+from ifcvf.tools.cli import main
 
 LINE_1518 = 100e9 / ((1518 + 20) * 8) / 1e6      # 8.127 Mpps
 LINE_64 = 100e9 / ((64 + 20) * 8) / 1e6          # 148.81 Mpps
@@ -53,7 +53,7 @@ def test_bench_sim_refuses_bad_sizes(capsys):
 
 def test_the_bench_wiring_brings_a_vf_up_on_the_guest_rings():
     """build_datapath: rings programmed into the VF, kicks reach its doorbells (idle engines)."""
-    from ifcvf.benchmarks.sim import build_datapath
+    from ifcvf.tools.benchmarks.sim import build_datapath
     from sim.queue_state import IdleEngine
     from sim.world import World
 

@@ -1,8 +1,8 @@
 """The guest and the traffic endpoints against the real device side: a VF brought up through
-ifcvf.hw over hal.sim, its queue engines and its wire port (ifcvf.benchmarks.sim.build_datapath)."""
+ifcvf.hw over hal.sim, its queue engines and its wire port (ifcvf.tools.benchmarks.sim.build_datapath)."""
 import pytest
 
-from ifcvf.benchmarks.sim import build_datapath, steer_by_flow
+from ifcvf.tools.benchmarks.sim import build_datapath, steer_by_flow
 from sim import virtio_regs as vr
 from sim.guest import SUPPORTED_FEATURES
 from sim.traffic import Generator, Sink

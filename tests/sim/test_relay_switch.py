@@ -16,7 +16,7 @@ from hal.api import HalError, NotifyArea
 from hal.memory import HostMemory
 from ifcvf import ids
 from ifcvf.hw import IfcvfHw, Status
-from ifcvf.runs.stack import SimHost, Vm, cable, steer_by_flow
+from ifcvf.tools.runs.stack import SimHost, Vm, cable, steer_by_flow
 from ifcvf.vdpa import VdpaError
 from sim.config import IfcvfConfig
 from sim.migration import log_bytes_for

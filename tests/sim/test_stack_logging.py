@@ -9,7 +9,7 @@ import pytest
 
 from hal.memory import HostMemory
 from ifcvf import ids
-from ifcvf.runs.stack import SimHost, Vm, cable, steer_by_flow
+from ifcvf.tools.runs.stack import SimHost, Vm, cable, steer_by_flow
 from sim.config import IfcvfConfig
 from sim.migration import DirtyLogReader, log_bytes_for
 from sim.traffic import Generator, Sink

@@ -6,7 +6,7 @@ wire -> sink.
 """
 import pytest
 
-from ifcvf.runs.stack import SimHost, Vm, cable, steer_by_flow
+from ifcvf.tools.runs.stack import SimHost, Vm, cable, steer_by_flow
 from sim.config import IfcvfConfig
 from sim.frontend import DPDK_VIRTIO_USER, QEMU_7_2
 from sim.traffic import Generator, Sink

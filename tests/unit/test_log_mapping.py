@@ -13,7 +13,7 @@ import pytest
 
 from hal.memory import PAGE_SIZE, HostMemory
 from ifcvf.dirtylog import LogRangeError
-from ifcvf.runs.stack import SimHost, Vm, cable, steer_by_flow
+from ifcvf.tools.runs.stack import SimHost, Vm, cable, steer_by_flow
 from ifcvf.vhost import protocol as p
 from sim.config import IfcvfConfig
 from sim.frontend import Region

@@ -51,7 +51,7 @@ def cmd_conformance(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    import ifcvf.conformance.suite as suite
+    import ifcvf.tools.conformance.suite as suite
 
     os.environ["IFCVF_CONFORMANCE_DEVICES"] = args.device
     collector = _Collector()

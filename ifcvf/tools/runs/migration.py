@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from hal.memory import HostMemory, align_up
 from ifcvf._native import lib
 from ifcvf.devargs import parse as parse_devargs
-from ifcvf.runs.stack import SimHost, Vf, Vm, cable, steer_by_flow
+from ifcvf.tools.runs.stack import SimHost, Vf, Vm, cable, steer_by_flow
 from sim.migration import (CpuDirtyTracker, Outcome, PreCopy, PreCopyConfig, log_bytes_for,
                            regions_of)
 from sim.scenario import Scenario, device_config

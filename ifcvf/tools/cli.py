@@ -12,11 +12,11 @@ import sys
 # (module, what it adds); imported lazily so `ifcvf --help` stays fast and a
 # command's heavy imports (simpy, cffi) load only when it runs.
 COMMANDS = [
-    "ifcvf.commands.serve",
-    "ifcvf.commands.sim",
-    "ifcvf.commands.conformance",
-    "ifcvf.commands.bench",
-    "ifcvf.commands.devices",
+    "ifcvf.tools.commands.serve",
+    "ifcvf.tools.commands.sim",
+    "ifcvf.tools.commands.conformance",
+    "ifcvf.tools.commands.bench",
+    "ifcvf.tools.commands.devices",
 ]
 
 DESCRIPTION = """\
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from ifcvf.logs import setup_logging
+    from ifcvf.tools.logs import setup_logging
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

@@ -58,7 +58,7 @@ def cmd_run(args) -> int:
     console.rule(f"[bold]{scenario.name}[/] ({scenario.kind}, seed {scenario.seed})")
     if scenario.description:
         console.print(scenario.description)
-    from ifcvf.runs import render
+    from ifcvf.tools.runs import render
     try:
         result = render.run(scenario, console, plot=args.plot)
     except render.RunFailed as e:

@@ -21,7 +21,7 @@ import pytest
 from hal.api import HalError
 from hal.memory import HostMemory
 from ifcvf import ids
-from ifcvf.conformance.rings import TestRing
+from ifcvf.tools.conformance.rings import TestRing
 from ifcvf.hw import HwError, IfcvfHw, QueueConfig, walk_capabilities
 
 MEMORY = 2 << 20
