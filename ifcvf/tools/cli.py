@@ -53,12 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ifcvf.tools.extras import MissingExtra, extra_providing
     from ifcvf.tools.logs import setup_logging
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except MissingExtra as err:
+        print(f"ifcvf: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        # An optional extra's module imported past the command's own check.
+        extra = extra_providing(err.name)
+        if extra is None:
+            raise
+        print(f"ifcvf {args.command}: {MissingExtra(extra, err.name, 'this command')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

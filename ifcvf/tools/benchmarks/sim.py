@@ -306,16 +306,15 @@ def build_datapath(world, *, pairs: int, queue_size: int, burst: int = 64,
     ``wanted`` limits the features the guest accepts (default: all it supports).
     """
     from hal.memory import HostMemory
-    from hal.sim import SimFunction
     from ifcvf import ids
     from ifcvf.hw import IfcvfHw, QueueConfig
+    from ifcvf.tools.functions import SIM, open_function
     from sim.config import IfcvfConfig
     from sim.guest import GuestNet, negotiate, plan_layout
-    from sim.ifcvf import IfcvfFunction
 
     config = config or IfcvfConfig(queue_pairs=pairs, max_queue_size=max(1024, queue_size))
-    model = IfcvfFunction(world, config, name="vf0", engine_factory=engine_factory)
-    fn = SimFunction(model)
+    fn = open_function(SIM, world=world, config=config, engine_factory=engine_factory)
+    model = fn.model
     fds: list[int] = []
     memory = None
     try:
@@ -713,6 +712,10 @@ def _default_link():
 def cmd_sim(args) -> int:
     from rich.console import Console
     from rich.table import Table
+
+    from ifcvf.tools.extras import require
+
+    require("sim", "`ifcvf bench sim`")
 
     console = Console()
     err = Console(stderr=True)

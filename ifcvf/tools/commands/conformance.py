@@ -47,6 +47,12 @@ class _Collector:
 
 
 def cmd_conformance(args) -> int:
+    from ifcvf.tools.extras import require
+    from ifcvf.tools.functions import is_sim
+
+    require("conformance", "`ifcvf conformance`")
+    if any(is_sim(d) for d in args.device.split(",")):
+        require("sim", "`ifcvf conformance --device sim`")
     import pytest
     from rich.console import Console
     from rich.table import Table

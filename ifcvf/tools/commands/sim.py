@@ -44,6 +44,12 @@ def register(subparsers) -> None:
 def cmd_run(args) -> int:
     from rich.console import Console
 
+    from ifcvf.tools.extras import require
+
+    require("sim", "`ifcvf sim run`")
+    if args.plot:
+        require("plot", "--plot")
+
     from sim.scenario import ScenarioError, load
 
     console = Console()

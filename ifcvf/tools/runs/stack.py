@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from hal.sim import SimFunction
 from ifcvf.devargs import parse
+from ifcvf.tools.functions import SIM, open_function
 from ifcvf.vdpa import VdpaDevice
 from ifcvf.vhost.backend import VhostBackend
 from ifcvf.vhost.server import VhostServer
@@ -39,11 +40,9 @@ class SimHost:
 
     def add_vf(self, config: IfcvfConfig | None = None, devargs: str = "vdpa=1", *,
                engine_factory=None) -> Vf:
-        index = len(self.vfs)
-        kwargs = {"engine_factory": engine_factory} if engine_factory else {}
-        model = IfcvfFunction(self.world, config or IfcvfConfig(), name=f"vf{index}", **kwargs)
-        fn = SimFunction(model, index)
-        vf = Vf(model, fn, VdpaDevice(fn, parse(devargs)))
+        fn = open_function(SIM, world=self.world, config=config, index=len(self.vfs),
+                           engine_factory=engine_factory)
+        vf = Vf(fn.model, fn, VdpaDevice(fn, parse(devargs)))
         self.vfs.append(vf)
         return vf
 
