@@ -2,10 +2,10 @@
 ifcvf.hw over hal.sim, its queue engines and its wire port (ifcvf.tools.benchmarks.sim.build_datapath)."""
 import pytest
 
-from ifcvf.tools.benchmarks.sim import build_datapath, steer_by_flow
+from ifcvf.tools.benchmarks.sim import build_datapath
 from sim import virtio_regs as vr
 from sim.guest import SUPPORTED_FEATURES
-from sim.traffic import Generator, Sink
+from sim.traffic import Generator, Sink, steer_by_flow
 from sim.wire import Port, connect
 from sim.world import World
 

@@ -360,25 +360,10 @@ def build_datapath(world, *, pairs: int, queue_size: int, burst: int = 64,
         raise
 
 
-def steer_by_flow(pairs: int):
-    """RX steering for the VF (``fn.datapath.steer``): a batch goes to pair flow % pairs.
-
-    The generator sends each burst from one flow, so every flow stays on one
-    RX queue and its frames stay in order."""
-    import struct
-
-    def steer(batch) -> int:
-        data = batch.data
-        if len(data) < 22:
-            return 0
-        return struct.unpack_from("<I", data, 18)[0] % pairs
-    return steer
-
-
 def run_full(label: int, *, pairs: int, queue_size: int, burst: int, seed: int,
              sim_us: float | None) -> FullResult:
     """Generator -> wire -> VF RX engine -> guest; guest -> VF TX engine -> wire -> sink."""
-    from sim.traffic import Generator, Sink
+    from sim.traffic import Generator, Sink, steer_by_flow
     from sim.wire import Port, connect
     from sim.world import World
 
@@ -508,7 +493,7 @@ def run_direction(label: int, direction: str, *, pairs: int = 4, queue_size: int
     ``free_guest``: the guest's CPU costs next to nothing (``FREE_GUEST``), so
     what binds is the device, PCIe or the wire."""
     from sim.guest import GuestCosts
-    from sim.traffic import Generator, Sink
+    from sim.traffic import Generator, Sink, steer_by_flow
     from sim.wire import Port, connect
     from sim.world import World
 

@@ -144,17 +144,3 @@ def cable(world, vf: Vf, *, gbps: float | None = None):
     connect(vf.model.port, tester)
     return tester
 
-
-def steer_by_flow(active_pairs: list[int]):
-    """RX steering: a batch goes to ``active_pairs[flow % len]`` (the list may change at run time).
-
-    Test frames carry their flow id right after the Ethernet header and a
-    4-byte magic; a generator burst comes from one flow, so flows stay in order.
-    """
-    import struct
-
-    def steer(batch) -> int:
-        if len(batch.data) < 22 or not active_pairs:
-            return 0
-        return active_pairs[struct.unpack_from("<I", batch.data, 18)[0] % len(active_pairs)]
-    return steer
