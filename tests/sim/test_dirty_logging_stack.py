@@ -14,7 +14,7 @@ from ifcvf.vhost import protocol as p
 from sim.config import IfcvfConfig
 from sim.frames import FrameBatch
 from sim.frontend import Region, RingAddresses
-from sim.virtqueue import DESC_F_WRITE, SplitRing
+from sim.testing.splitring import DESC_F_WRITE, SplitRing
 from sim.wire import Port, connect
 
 MiB = 1 << 20

@@ -6,7 +6,7 @@ import pytest
 
 from ifcvf._native import ffi, lib
 from sim.frames import FrameBatch
-from sim.guest_testdev import link
+from sim.testing.guest_testdev import link
 from sim.traffic import (HEADER_LEN, IMIX, Checker, Generator, Sink, SizeDist, Stream, mac_bytes)
 from sim.world import World
 
@@ -295,7 +295,7 @@ def test_arrivals_constant_poisson_and_on_off():
 
 def test_a_generator_on_arrivals_and_a_responder_answer_frame_for_frame():
     from sim.traffic import Arrivals, Responder
-    from sim.guest_testdev import link
+    from sim.testing.guest_testdev import link
 
     world = World(5)
     a, b = link(world)

@@ -43,7 +43,7 @@ def micro_rings(size: int, frames: int = 200_000, batch: int = 64, queue_size: i
     from hal.memory import HostMemory
     from ifcvf._native import lib
     from sim.guest import GuestNet
-    from sim.guest_testdev import NullDevice
+    from sim.testing.guest_testdev import NullDevice
     from sim.world import World
     world = World(0)
     with HostMemory(64 << 20, "bench-guest") as mem:
@@ -81,7 +81,7 @@ def micro_guest_model(size: int, sim_us: float = 2000.0, pairs: int = 1,
     """The whole guest model (both directions at 100 Gb/s) against a device that costs nothing."""
     from hal.memory import HostMemory
     from sim.guest import GuestCosts, GuestNet
-    from sim.guest_testdev import NullDevice
+    from sim.testing.guest_testdev import NullDevice
     from sim.world import World
     world = World(0)
     fds: list[int] = []
