@@ -1,6 +1,7 @@
 # `make run` and `make test` are the whole set-up: each creates .venv if needed,
-# installs the project into it (compiling csrc/ through cffi into both native
-# modules, ifcvf._native from csrc/driver/ and sim._native from csrc/sim/) and runs.
+# installs the project with every extra (sim, plot, conformance, test) into it,
+# compiling csrc/ through cffi into both native modules (ifcvf._native from
+# csrc/driver/, sim._native from csrc/sim/), and runs.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ SCENARIO ?= scenarios/live-migration.toml
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*/*.c csrc/*/*.h csrc/*/*.py)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[all]'
 	@touch $@
 
 install: $(STAMP)

@@ -1,3 +1,3 @@
-from ifcvf.cli import main
+from ifcvf.tools.cli import main
 
 raise SystemExit(main())

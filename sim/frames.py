@@ -1,6 +1,6 @@
 """Frames as the simulated datapath carries them: batches, not objects.
 
-The contract between the device engines (``sim.virtqueue``), the wire
+The contract between the device engines (``sim.engines``), the wire
 (``sim.wire``) and the guest driver model (``sim.guest``).  A batch holds
 frames back to back in one buffer with their lengths and one timestamp each,
 so a wake-up of any actor moves many frames with a handful of Python calls.

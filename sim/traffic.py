@@ -24,6 +24,7 @@ buffers without it (60, 1514 bytes).
 from __future__ import annotations
 
 import math
+import struct
 from array import array
 from dataclasses import dataclass, fields
 from typing import Iterable
@@ -605,6 +606,32 @@ class Responder:
         self.running = False
 
 
+# --- steering -------------------------------------------------------------------------
+FLOW_OFFSET = 18                           # the flow id in a test frame (layout above)
+_FLOW_ID = struct.Struct("<I")
+
+
+def steer_by_flow(pairs: int | list[int]):
+    """RX steering for a VF (``model.datapath.steer``) by the test frames' flow id.
+
+    ``pairs`` is a number of queue pairs (a flow goes to pair ``flow % pairs``)
+    or a list of pair indexes (to ``pairs[flow % len(pairs)]``) that the caller
+    may change while traffic runs, as a migration run does when the guest
+    enables more pairs.  A batch goes where its first frame's flow says: a
+    generator burst comes from one flow, so each flow stays on one RX queue and
+    in order.  A batch too short to carry a flow id, or an empty list, goes to
+    pair 0.
+    """
+    active = list(range(pairs)) if isinstance(pairs, int) else pairs
+
+    def steer(batch) -> int:
+        data = batch.data
+        if len(data) < FLOW_OFFSET + _FLOW_ID.size or not active:
+            return 0
+        return active[_FLOW_ID.unpack_from(data, FLOW_OFFSET)[0] % len(active)]
+    return steer
+
+
 __all__ = ["SizeDist", "Stream", "Checker", "CheckCounts", "Generator", "Sink", "IMIX",
            "Arrivals", "Responder", "PATTERNS",
-           "ETHERTYPE", "MAGIC", "HEADER_LEN", "mac_bytes"]
+           "ETHERTYPE", "MAGIC", "HEADER_LEN", "FLOW_OFFSET", "mac_bytes", "steer_by_flow"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-import ifcvf.conformance.suite as suite
+import ifcvf.tools.conformance.suite as suite
 from guest import NIC_MAC, GuestConfig, GuestNet, host_python
 
 ROOT = Path(__file__).resolve().parents[2]

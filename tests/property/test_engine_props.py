@@ -21,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "sim"))
 from sim._native import ffi, lib  # noqa: E402
 from test_dirty_logging import Logged, written_pages  # noqa: E402
 from test_engine_rig import ALL, MRG, SLOT, Rig, frame  # noqa: E402
-from sim.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE  # noqa: E402
+from sim.testing.splitring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE  # noqa: E402
 from sim.wire import Port, connect  # noqa: E402
 
 SETTINGS = settings(max_examples=int(os.environ.get("ENGINE_PROP_EXAMPLES", "40")), deadline=None,

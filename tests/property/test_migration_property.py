@@ -5,7 +5,7 @@ import pathlib
 
 from hypothesis import example, given, settings, strategies as st
 
-from ifcvf.runs import migration
+from ifcvf.tools.runs import migration
 from sim.scenario import load
 
 BASE = load(pathlib.Path(__file__).resolve().parents[2] / "scenarios/live-migration.toml")

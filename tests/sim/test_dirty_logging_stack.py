@@ -8,13 +8,13 @@ GET_VRING_BASE the driver marks the used rings (the device never does).
 from __future__ import annotations
 
 from hal.memory import HostMemory
-from ifcvf.runs.bringup import GUEST_FEATURES, split_ring_layout
-from ifcvf.runs.stack import SimHost
+from ifcvf.tools.runs.bringup import GUEST_FEATURES, split_ring_layout
+from ifcvf.tools.runs.stack import SimHost
 from ifcvf.vhost import protocol as p
 from sim.config import IfcvfConfig
 from sim.frames import FrameBatch
 from sim.frontend import Region, RingAddresses
-from sim.virtqueue import DESC_F_WRITE, SplitRing
+from sim.testing.splitring import DESC_F_WRITE, SplitRing
 from sim.wire import Port, connect
 
 MiB = 1 << 20

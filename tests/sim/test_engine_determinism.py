@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 SCRIPT = """
-from sim import enginebench
+from sim.testing import enginebench
 from sim.config import IfcvfConfig
 cfg = IfcvfConfig(queue_pairs=1, max_queue_size=1024, dirty_log_skip_fraction=0.25)
 for mode, size in (("loop", 64), ("loop", 1518), ("rx", 64)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from test_engine_rig import ALL, Rig, frame
-from sim.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
+from sim.testing.splitring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 
 MAPPED = 16 << 20
 PATTERN = b"\xa5" * 256

@@ -1,7 +1,7 @@
 """A VF started the way the driver starts it, with rings the test writes itself.
 
 Model -> HAL (hal.sim) -> register layer (ifcvf.hw), guest memory in a memfd
-mapped with IOVA = GPA, rings laid out by ``sim.virtqueue.SplitRing`` so a
+mapped with IOVA = GPA, rings laid out by ``sim.testing.splitring.SplitRing`` so a
 test can make them as hostile as it likes, the VF's port connected to a
 capture port (what the VF sends) that can also send to it.
 
@@ -21,7 +21,7 @@ from ifcvf.hw import IfcvfHw, QueueConfig
 from sim.config import IfcvfConfig
 from sim.frames import FrameBatch
 from sim.ifcvf import IfcvfFunction
-from sim.virtqueue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, SplitRing)
+from sim.testing.splitring import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, SplitRing)
 from sim.wire import Port, connect
 from sim.world import World
 

@@ -7,7 +7,7 @@ import pytest
 
 from test_engine_rig import ALL, BASE_FEATURES, EVENT_IDX, VERSION_1, Rig, frame
 from sim.config import IfcvfConfig
-from sim.virtqueue import USED_F_NO_NOTIFY
+from sim.testing.splitring import USED_F_NO_NOTIFY
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from test_engine_rig import ALL, Rig, frame
-from sim import enginebench
+from sim.testing import enginebench
 from sim.config import IfcvfConfig
 
 LINE_1518 = 100e9 / ((1518 + 20) * 8) / 1e6      # 8.127 Mpps

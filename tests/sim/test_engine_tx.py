@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from test_engine_rig import ALL, BASE_FEATURES, EVENT_IDX, INDIRECT, MRG, Rig, frame
-from sim.virtqueue import AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY
+from sim.testing.splitring import AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The guest virtio-net driver model against a plain Python device (sim.guest_testdev)."""
+"""The guest virtio-net driver model against a plain Python device (sim.testing.guest_testdev)."""
 import os
 import struct
 import subprocess
@@ -11,7 +11,7 @@ from hal.memory import HostMemory
 from sim import virtio_regs as vr
 from sim._native import lib
 from sim.guest import GuestCosts, GuestNet, negotiate, net_header_len, plan_layout
-from sim.guest_testdev import RingDevice, link
+from sim.testing.guest_testdev import RingDevice, link
 from sim.traffic import Generator, Sink, SizeDist, Stream
 from sim.world import World
 
@@ -508,7 +508,7 @@ SCENARIO = textwrap.dedent("""
     from hal.memory import HostMemory
     from sim import virtio_regs as vr
     from sim.guest import GuestNet
-    from sim.guest_testdev import RingDevice, link
+    from sim.testing.guest_testdev import RingDevice, link
     from sim.traffic import Generator, Sink
     from sim.world import World
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from ifcvf.benchmarks.sim import (explain, explain_link, run_direction, run_directions,
-                                  _default_link)
-from ifcvf.cli import main
+from ifcvf.tools.benchmarks.measure import run_direction, run_directions
+from ifcvf.tools.benchmarks.tlp import default_link, explain, explain_link
+from ifcvf.tools.cli import main
 
 LINE_1518 = 100e9 / ((1518 + 20) * 8) / 1e6      # 8.127 Mpps
 LINE_64 = 100e9 / ((64 + 20) * 8) / 1e6          # 148.81 Mpps
@@ -52,13 +52,13 @@ def test_bench_sim_refuses_bad_sizes(capsys):
 
 
 def test_the_bench_wiring_brings_a_vf_up_on_the_guest_rings():
-    """build_datapath: rings programmed into the VF, kicks reach its doorbells (idle engines)."""
-    from ifcvf.benchmarks.sim import build_datapath
+    """build_stack: rings programmed into the VF, kicks reach its doorbells (idle engines)."""
+    from ifcvf.tools.benchmarks.stack import build_stack
     from sim.queue_state import IdleEngine
     from sim.world import World
 
     world = World(2)
-    dp = build_datapath(world, pairs=2, queue_size=64, tx_rate_gbps=10, tx_sizes=512,
+    dp = build_stack(world, pairs=2, queue_size=64, tx_rate_gbps=10, tx_sizes=512,
                         engine_factory=lambda fn, queue: IdleEngine(queue))
     try:
         for q in range(4):
@@ -99,7 +99,7 @@ def test_1500_byte_both_ways_need_more_upstream_than_gen3_x16_has():
     dirs = {d: run_direction(1500, d, window_us=1000) for d in ("rx", "tx")}
     rx, tx = dirs["rx"], dirs["tx"]
     need = LINE_1518 * 1e6 * (rx.up_per_frame + tx.up_per_frame) * 8 / 1e9
-    link = _default_link()
+    link = default_link()
     assert link.gbps == pytest.approx(113.7, abs=0.1)
     assert rx.up_per_frame > 1670 and tx.up_per_frame > 70   # 6 write TLPs; 3+ read requests
     assert need > link.gbps
@@ -131,4 +131,4 @@ def test_64_byte_limit_is_the_guest_cpu_and_then_pcie_not_the_wire():
     text = explain(64, dirs, None, pairs=4)
     assert text.count("the guest's CPU binds") == 2
     assert "PCIe-bound, never wire-bound" in text
-    assert "113.7 Gb/s" in explain_link(_default_link())
+    assert "113.7 Gb/s" in explain_link(default_link())

@@ -1,11 +1,11 @@
 """The guest and the traffic endpoints against the real device side: a VF brought up through
-ifcvf.hw over hal.sim, its queue engines and its wire port (ifcvf.benchmarks.sim.build_datapath)."""
+ifcvf.hw over hal.sim, its queue engines and its wire port (ifcvf.tools.benchmarks.stack.build_stack)."""
 import pytest
 
-from ifcvf.benchmarks.sim import build_datapath, steer_by_flow
+from ifcvf.tools.benchmarks.stack import build_stack
 from sim import virtio_regs as vr
 from sim.guest import SUPPORTED_FEATURES
-from sim.traffic import Generator, Sink
+from sim.traffic import Generator, Sink, steer_by_flow
 from sim.wire import Port, connect
 from sim.world import World
 
@@ -20,7 +20,7 @@ def run(*, pairs=1, wanted=None, rx_frames=300, tx_frames=300, rx_size="64-1518"
         tx_size="64-1518", rate=10.0, sim_us=2000, seed=1, **guest_kw):
     world = World(seed)
     flows = 2 * pairs
-    dp = build_datapath(world, pairs=pairs, queue_size=64, burst=16, wanted=wanted,
+    dp = build_stack(world, pairs=pairs, queue_size=64, burst=16, wanted=wanted,
                         tx_rate_gbps=rate, tx_sizes=tx_size, tx_flows=2, tx_frames=tx_frames,
                         rx_flows=flows, **guest_kw)
     try:

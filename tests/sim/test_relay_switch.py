@@ -16,11 +16,11 @@ from hal.api import HalError, NotifyArea
 from hal.memory import HostMemory
 from ifcvf import ids
 from ifcvf.hw import IfcvfHw, Status
-from ifcvf.runs.stack import SimHost, Vm, cable, steer_by_flow
+from ifcvf.tools.runs.stack import SimHost, Vm, cable
 from ifcvf.vdpa import VdpaError
 from sim.config import IfcvfConfig
 from sim.migration import log_bytes_for
-from sim.traffic import Generator, Sink
+from sim.traffic import Generator, Sink, steer_by_flow
 
 US = 1_000
 PAGE = 4096

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ifcvf.runs import migration
+from ifcvf.tools.runs import migration
 from sim.scenario import load
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

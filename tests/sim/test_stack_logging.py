@@ -9,10 +9,10 @@ import pytest
 
 from hal.memory import HostMemory
 from ifcvf import ids
-from ifcvf.runs.stack import SimHost, Vm, cable, steer_by_flow
+from ifcvf.tools.runs.stack import SimHost, Vm, cable
 from sim.config import IfcvfConfig
 from sim.migration import DirtyLogReader, log_bytes_for
-from sim.traffic import Generator, Sink
+from sim.traffic import Generator, Sink, steer_by_flow
 
 US = 1_000
 PAGE = 4096

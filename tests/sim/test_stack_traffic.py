@@ -6,10 +6,10 @@ wire -> sink.
 """
 import pytest
 
-from ifcvf.runs.stack import SimHost, Vm, cable, steer_by_flow
+from ifcvf.tools.runs.stack import SimHost, Vm, cable
 from sim.config import IfcvfConfig
 from sim.frontend import DPDK_VIRTIO_USER, QEMU_7_2
-from sim.traffic import Generator, Sink
+from sim.traffic import Generator, Sink, steer_by_flow
 
 US = 1_000
 

@@ -6,7 +6,7 @@ import pytest
 
 from sim._native import ffi, lib
 from sim.frames import FrameBatch
-from sim.guest_testdev import link
+from sim.testing.guest_testdev import link
 from sim.traffic import (HEADER_LEN, IMIX, Checker, Generator, Sink, SizeDist, Stream, mac_bytes)
 from sim.world import World
 
@@ -295,7 +295,7 @@ def test_arrivals_constant_poisson_and_on_off():
 
 def test_a_generator_on_arrivals_and_a_responder_answer_frame_for_frame():
     from sim.traffic import Arrivals, Responder
-    from sim.guest_testdev import link
+    from sim.testing.guest_testdev import link
 
     world = World(5)
     a, b = link(world)
@@ -310,3 +310,22 @@ def test_a_generator_on_arrivals_and_a_responder_answer_frame_for_frame():
     assert gen.frames == 20 and sink.counts().good == 20
     assert resp.frames == back.counts().good == 20 and back.counts().clean
     assert back.first_arrival >= sink.first_arrival + world.cycles(50_000)
+
+
+def test_steer_by_flow_follows_the_first_frames_flow_id():
+    from sim.traffic import FLOW_OFFSET, steer_by_flow
+
+    def one_flow(flow: int):
+        b = Stream(SizeDist.fixed(64), flows=1, flow_base=flow).batch(2)
+        assert struct.unpack_from("<I", b.data, FLOW_OFFSET)[0] == flow
+        return b
+
+    assert [steer_by_flow(4)(one_flow(f)) for f in range(6)] == [0, 1, 2, 3, 0, 1]
+    active = [0, 2]
+    steer = steer_by_flow(active)            # the list may change while traffic runs
+    assert [steer(one_flow(f)) for f in range(3)] == [0, 2, 0]
+    active.append(3)
+    assert [steer(one_flow(f)) for f in range(3)] == [0, 2, 3]
+    active.clear()
+    assert steer(one_flow(5)) == 0
+    assert steer(batch_of([bytes(10)])) == 0    # too short to carry a flow id

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ifcvf.cli import main
+from ifcvf.tools.cli import main
 from sim.scenario import ScenarioError, load
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -13,12 +13,12 @@ import pytest
 
 from hal.memory import PAGE_SIZE, HostMemory
 from ifcvf.dirtylog import LogRangeError
-from ifcvf.runs.stack import SimHost, Vm, cable, steer_by_flow
+from ifcvf.tools.runs.stack import SimHost, Vm, cable
 from ifcvf.vhost import protocol as p
 from sim.config import IfcvfConfig
 from sim.frontend import Region
 from sim.migration import DirtyLogReader, log_bytes_for
-from sim.traffic import Generator
+from sim.traffic import Generator, steer_by_flow
 
 MiB = 1 << 20
 US = 1_000

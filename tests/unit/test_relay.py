@@ -380,7 +380,7 @@ def test_set_log_swaps_and_refusal_keeps_the_old_log(guest):
 # --- the bench command (format only: speed is never asserted by tests) ----------------
 
 def test_bench_relay_writes_the_json_keys(tmp_path, capsys):
-    from ifcvf.cli import main
+    from ifcvf.tools.cli import main
 
     out = tmp_path / "relay.json"
     assert main(["bench", "relay", "--sizes", "256", "--chains", "1,2", "--repeat", "1",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from ifcvf.cli import main
+from ifcvf.tools.cli import main
 from ifcvf.relay import NotifyQueue, NotifyRelay
 from test_relay_notify import WAIT, Rig, readable, take
 

@@ -14,8 +14,8 @@ import threading
 import pytest
 
 from hal.memory import HostMemory
-from ifcvf.runs.bringup import GUEST_FEATURES, split_ring_layout
-from ifcvf.runs.stack import SimHost
+from ifcvf.tools.runs.bringup import GUEST_FEATURES, split_ring_layout
+from ifcvf.tools.runs.stack import SimHost
 from ifcvf.vhost import protocol as p
 from ifcvf.vhost.backend import HANDLERS, VhostBackend
 from ifcvf.vhost.channel import MessageReader, send_message

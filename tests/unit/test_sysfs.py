@@ -15,7 +15,7 @@ import pytest
 
 from hal.sysfs import (FunctionMissing, GroupNotViable, IommuOff, NotRoot, Sysfs, SysfsError,
                        normalize_bdf)
-from ifcvf.cli import main
+from ifcvf.tools.cli import main
 
 IFCVF = "0000:3b:00.2"       # N3000 VF: 1af4:1041 subsystem 8086:001a
 QEMU_NIC = "0000:00:04.0"    # QEMU virtio-net-pci: 1af4:1041 subsystem 1af4:1100

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from ifcvf.runs.stack import SimHost, Vm
+from ifcvf.tools.runs.stack import SimHost, Vm
 from sim.config import IfcvfConfig
 from sim.frames import FrameBatch
 from sim.realtime import RealtimeClock

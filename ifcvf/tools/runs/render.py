@@ -15,7 +15,7 @@ class RunFailed(Exception):
 
 def run(scenario, console, plot=None) -> dict:
     if scenario.kind == "bringup":
-        from ifcvf.runs import bringup
+        from ifcvf.tools.runs import bringup
         try:
             with console.status("bringing the VF up") as status:
                 result = bringup.run(scenario, progress=lambda phase: status.update(phase))
@@ -23,7 +23,7 @@ def run(scenario, console, plot=None) -> dict:
             raise RunFailed(str(e)) from None
         show_bringup(result, console)
         return result.to_json()
-    from ifcvf.runs import migration
+    from ifcvf.tools.runs import migration
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("starting", total=None)
@@ -37,7 +37,7 @@ def run(scenario, console, plot=None) -> dict:
         result = migration.MigrationRun(scenario, on_phase).run()
     show_migration(result, console)
     if plot:
-        from ifcvf.runs.plot import plot_migration
+        from ifcvf.tools.runs.plot import plot_migration
         plot_migration(result, plot)
         console.print(f"timeline plotted to {plot}")
     return result

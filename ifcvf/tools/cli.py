@@ -12,11 +12,11 @@ import sys
 # (module, what it adds); imported lazily so `ifcvf --help` stays fast and a
 # command's heavy imports (simpy, cffi) load only when it runs.
 COMMANDS = [
-    "ifcvf.commands.serve",
-    "ifcvf.commands.sim",
-    "ifcvf.commands.conformance",
-    "ifcvf.commands.bench",
-    "ifcvf.commands.devices",
+    "ifcvf.tools.commands.serve",
+    "ifcvf.tools.commands.sim",
+    "ifcvf.tools.commands.conformance",
+    "ifcvf.tools.commands.bench",
+    "ifcvf.tools.commands.devices",
 ]
 
 DESCRIPTION = """\
@@ -53,12 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from ifcvf.logs import setup_logging
+    from ifcvf.tools.extras import MissingExtra, extra_providing
+    from ifcvf.tools.logs import setup_logging
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except MissingExtra as err:
+        print(f"ifcvf: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        # An optional extra's module imported past the command's own check.
+        extra = extra_providing(err.name)
+        if extra is None:
+            raise
+        print(f"ifcvf {args.command}: {MissingExtra(extra, err.name, 'this command')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

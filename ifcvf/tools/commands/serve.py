@@ -6,6 +6,8 @@ import json
 import logging
 import signal
 
+from ifcvf.tools.extras import require
+
 log = logging.getLogger("ifcvf.serve")
 
 DESCRIPTION = """\
@@ -110,32 +112,19 @@ def _pairs(args) -> list[tuple[str, str, str]]:
     return list(zip(args.socket, args.device, devargs))
 
 
-def open_function(device: str, world_box: list):
-    """The HAL function behind DEVICE; a simulated one shares one world per process."""
-    if device == "sim" or device.startswith("sim:"):
-        from hal.sim import SimFunction
-        from sim.config import IfcvfConfig
-        from sim.world import World
-        from sim.ifcvf import IfcvfFunction
-
-        if not world_box:
-            world_box.append(World(seed=0))
-        index = sum(1 for _ in world_box[1:])
-        model = IfcvfFunction(world_box[0], IfcvfConfig(), name=f"vf{index}")
-        world_box.append(model)
-        return SimFunction(model, index)
-    from hal.vfio import VfioFunction
-    return VfioFunction(device)
-
-
 def _wire_specs(args) -> dict[int, tuple[int, int]]:
     """Device index -> (local, remote) UDP ports, checked before anything is opened."""
+    from ifcvf.tools.functions import is_sim
+
+    if not args.wire:
+        return {}
+    require("sim", "--wire (a simulated VF's port)")
     from sim.udpwire import WireSpecError, parse_wire
 
     specs = {}
     for index, spec in sorted(args.wire.items()):
         device = args.device[index]
-        if not (device == "sim" or device.startswith("sim:")):
+        if not is_sim(device):
             raise SystemExit(f"ifcvf serve: --wire connects a simulated VF's port; "
                              f"{device} has a real one")
         try:
@@ -145,12 +134,11 @@ def _wire_specs(args) -> dict[int, tuple[int, int]]:
     return specs
 
 
-def open_wire(world_box: list, local: int, remote: int):
-    """Join the port of the simulated VF just opened (the last in ``world_box``) to UDP."""
+def open_wire(model, local: int, remote: int):
+    """Join the port of the simulated VF ``model`` to UDP."""
     from sim.udpwire import UdpWire
 
-    model = world_box[-1]
-    return UdpWire(world_box[0], model.port, local, remote, name=f"{model.name}.udp")
+    return UdpWire(model.world, model.port, local, remote, name=f"{model.name}.udp")
 
 
 def cmd_serve(args) -> int:
@@ -159,13 +147,17 @@ def cmd_serve(args) -> int:
         return 0
     from hal.api import HalError
     from ifcvf.devargs import DevargsError, parse
+    from ifcvf.tools.functions import is_sim, open_function
     from ifcvf.vdpa import ProbeError, VdpaDevice
     from ifcvf.vhost.backend import VhostBackend
     from ifcvf.vhost.server import VhostServer
 
     pairs = _pairs(args)
     wires = _wire_specs(args)
-    world_box: list = []
+    if any(is_sim(device) for _, device, _ in pairs):
+        require("sim", "a simulated VF (`--device sim`)")
+    world = None        # every simulated VF of this process shares one world
+    models: list = []   # the simulated VFs, in --device order
     drivers = []
     links = []
     server = VhostServer()
@@ -175,10 +167,13 @@ def cmd_serve(args) -> int:
     try:
         for index, (path, device, devargs) in enumerate(pairs):
             try:
-                fn = open_function(device, world_box)
+                fn = open_function(device, world=world, index=len(models))
+                if is_sim(device):
+                    world = fn.world
+                    models.append(fn.model)
                 if index in wires:
-                    links.append(open_wire(world_box, *wires[index]))
-                    log.warning("%s (%s): wire %s", device, world_box[-1].name, links[-1].describe())
+                    links.append(open_wire(models[-1], *wires[index]))
+                    log.warning("%s (%s): wire %s", device, models[-1].name, links[-1].describe())
                 driver = VdpaDevice(fn, parse(devargs))
             except (DevargsError, ProbeError, HalError, OSError) as err:
                 log.error("%s: %s", device, err)
@@ -188,9 +183,9 @@ def cmd_serve(args) -> int:
                 d, name=p, status_feature=not args.no_status), client=args.client)
             log.warning("serving %s on %s (%s)", device, path, driver.kind)
         try:
-            if world_box:
+            if world is not None:
                 from sim.realtime import RealtimeClock
-                clock = RealtimeClock(world_box[0])
+                clock = RealtimeClock(world)
                 server.serve_forever(timeout=0.001, after=clock.sync)
             else:
                 server.serve_forever()
@@ -200,7 +195,7 @@ def cmd_serve(args) -> int:
         return 0
     finally:
         # What the simulated VFs did (frames, drops, dirty-log marks), for whoever reads the log.
-        for model in world_box[1:]:
+        for model in models:
             _cleanup(f"{model.name}: stats", _log_model_stats, model)
         for link in links:
             _cleanup(f"{link.name}: counters", lambda wire=link: log.info("%s: %s", wire.name, wire.counters()))

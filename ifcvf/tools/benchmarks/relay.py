@@ -70,7 +70,7 @@ def register(subparsers) -> None:
 
 
 def load_oracle():
-    path = Path(__file__).resolve().parents[2] / "tests" / "relay_oracle.py"
+    path = Path(__file__).resolve().parents[3] / "tests" / "relay_oracle.py"   # the repository root
     if not path.exists():
         return None
     spec = importlib.util.spec_from_file_location("ifcvf_bench_relay_oracle", path)

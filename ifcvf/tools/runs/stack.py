@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from hal.sim import SimFunction
 from ifcvf.devargs import parse
+from ifcvf.tools.functions import SIM, open_function
 from ifcvf.vdpa import VdpaDevice
 from ifcvf.vhost.backend import VhostBackend
 from ifcvf.vhost.server import VhostServer
@@ -39,11 +40,9 @@ class SimHost:
 
     def add_vf(self, config: IfcvfConfig | None = None, devargs: str = "vdpa=1", *,
                engine_factory=None) -> Vf:
-        index = len(self.vfs)
-        kwargs = {"engine_factory": engine_factory} if engine_factory else {}
-        model = IfcvfFunction(self.world, config or IfcvfConfig(), name=f"vf{index}", **kwargs)
-        fn = SimFunction(model, index)
-        vf = Vf(model, fn, VdpaDevice(fn, parse(devargs)))
+        fn = open_function(SIM, world=self.world, config=config, index=len(self.vfs),
+                           engine_factory=engine_factory)
+        vf = Vf(fn.model, fn, VdpaDevice(fn, parse(devargs)))
         self.vfs.append(vf)
         return vf
 
@@ -145,17 +144,3 @@ def cable(world, vf: Vf, *, gbps: float | None = None):
     connect(vf.model.port, tester)
     return tester
 
-
-def steer_by_flow(active_pairs: list[int]):
-    """RX steering: a batch goes to ``active_pairs[flow % len]`` (the list may change at run time).
-
-    Test frames carry their flow id right after the Ethernet header and a
-    4-byte magic; a generator burst comes from one flow, so flows stay in order.
-    """
-    import struct
-
-    def steer(batch) -> int:
-        if len(batch.data) < 22 or not active_pairs:
-            return 0
-        return active_pairs[struct.unpack_from("<I", batch.data, 18)[0] % len(active_pairs)]
-    return steer

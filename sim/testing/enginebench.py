@@ -1,6 +1,6 @@
 """Micro-benchmark of the device side alone: engines + PCIe timing + wire.
 
-``python -m sim.enginebench [--sizes 64,1518] [--frames N]`` runs, per frame
+``python -m sim.testing.enginebench [--sizes 64,1518] [--frames N]`` runs, per frame
 size, three set-ups and prints wall-clock ns per simulated frame and what the
 simulated traffic achieved:
 
@@ -24,9 +24,10 @@ from array import array
 
 from sim import virtio_regs as vr
 from sim.config import IfcvfConfig
+from sim.engines import header_length
 from sim.frames import FrameBatch
 from sim.ifcvf import IfcvfFunction
-from sim.virtqueue import DESC_F_WRITE, SplitRing, header_length, need_event
+from sim.testing.splitring import DESC_F_WRITE, SplitRing, need_event
 from sim.wire import Port, connect
 from sim.world import World
 

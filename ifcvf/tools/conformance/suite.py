@@ -21,8 +21,9 @@ import pytest
 from hal.api import HalError
 from hal.memory import HostMemory
 from ifcvf import ids
-from ifcvf.conformance.rings import TestRing
 from ifcvf.hw import HwError, IfcvfHw, QueueConfig, walk_capabilities
+from ifcvf.tools import functions
+from ifcvf.tools.conformance.rings import TestRing
 
 MEMORY = 2 << 20
 WAIT_NS = 2_000_000_000          # generous for a TCG guest; simulated time on sim
@@ -32,15 +33,12 @@ FRAME = (b"\xff" * 6 + bytes.fromhex("525400c0ffee") + b"\x88\xb5"
 
 
 def open_function(device: str):
-    if device == "sim":
-        from hal.sim import SimFunction
+    """A fresh function for each test; a simulated one in a world of its own (seed 11)."""
+    config = None
+    if functions.is_sim(device):
         from sim.config import IfcvfConfig
-        from sim.ifcvf import IfcvfFunction
-        from sim.world import World
-
-        return SimFunction(IfcvfFunction(World(seed=11), IfcvfConfig(queue_pairs=2)))
-    from hal.vfio import VfioFunction
-    return VfioFunction(device)
+        config = IfcvfConfig(queue_pairs=2)
+    return functions.open_function(device, config=config, seed=11)
 
 
 def devices() -> list[str]:

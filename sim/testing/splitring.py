@@ -1,25 +1,14 @@
-"""Virtqueues of the simulated device: where the pieces are, plus a split-ring accessor.
+"""The *driver's* view of one split virtqueue (virtio 1.x 2.7), for tests and benchmarks.
 
-The device side of the datapath lives in:
-
-- ``sim.engines``   ``Datapath`` (one per VF: ``fn.datapath``), ``TxEngine``, ``RxEngine``
-                    (the queue engines the register model starts and stops);
-- ``sim.pcie_link`` ``PcieLink``: the VF's PCIe link timing (TLP overhead, latency);
-- ``sim.dma``       ``DmaDomain`` / ``SegmentTable``: the IOMMU as the C ring code sees it;
-- ``sim.wire``      ``Port``, ``connect``: the 100G wire;
-- ``csrc/sim/simdp.c``  the per-batch ring work in C.
-
-``SplitRing`` below is the *driver's* view of one split virtqueue (virtio 1.x
-2.7) in a byte buffer that stands for guest memory: tests and benchmarks use
-it to build rings, hostile ones included, and to read what the device wrote.
-It is plain Python, a descriptor at a time: not for the simulated guest's
-fast path (``sim.guest`` does that in C).
+``SplitRing`` lays a split ring out in a byte buffer that stands for guest
+memory: tests and the engine benchmark use it to build rings, hostile ones
+included, and to read what the device wrote.  It is plain Python, a
+descriptor at a time: not for the simulated guest's fast path (``sim.guest``
+does that in C).  The device side of the datapath is ``sim.engines``.
 """
 from __future__ import annotations
 
 import struct
-
-from sim.engines import Datapath, RxEngine, TxEngine, header_length
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -132,6 +121,5 @@ class SplitRing:
         return bytes(self.mem[self._off(gpa):self._off(gpa) + length])
 
 
-__all__ = ["SplitRing", "ring_layout", "need_event", "Datapath", "TxEngine", "RxEngine",
-           "header_length", "DESC_F_NEXT", "DESC_F_WRITE", "DESC_F_INDIRECT",
-           "AVAIL_F_NO_INTERRUPT", "USED_F_NO_NOTIFY"]
+__all__ = ["SplitRing", "ring_layout", "need_event", "DESC_F_NEXT", "DESC_F_WRITE",
+           "DESC_F_INDIRECT", "AVAIL_F_NO_INTERRUPT", "USED_F_NO_NOTIFY"]

@@ -11,10 +11,9 @@ import os
 from dataclasses import dataclass
 
 from hal.memory import HostMemory, align_up
-from hal.sim import SimFunction
 from ifcvf import ids
 from ifcvf.hw import IfcvfHw, QueueConfig
-from sim.ifcvf import IfcvfFunction
+from ifcvf.tools.functions import SIM, open_function
 from sim.scenario import Scenario, device_config
 from sim.world import World
 
@@ -63,8 +62,7 @@ class BringupResult:
 def run(scenario: Scenario, progress=None) -> BringupResult:
     drv = scenario.section("driver")
     world = World(scenario.seed)
-    model = IfcvfFunction(world, device_config(scenario.device), name="vf0")
-    fn = SimFunction(model)
+    fn = open_function(SIM, world=world, config=device_config(scenario.device))
     memory = HostMemory(drv["guest_memory_mib"] << 20, "guest-ram")
     eventfds: list[int] = []
     try:

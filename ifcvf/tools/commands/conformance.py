@@ -47,11 +47,17 @@ class _Collector:
 
 
 def cmd_conformance(args) -> int:
+    from ifcvf.tools.extras import require
+    from ifcvf.tools.functions import is_sim
+
+    require("conformance", "`ifcvf conformance`")
+    if any(is_sim(d) for d in args.device.split(",")):
+        require("sim", "`ifcvf conformance --device sim`")
     import pytest
     from rich.console import Console
     from rich.table import Table
 
-    import ifcvf.conformance.suite as suite
+    import ifcvf.tools.conformance.suite as suite
 
     os.environ["IFCVF_CONFORMANCE_DEVICES"] = args.device
     collector = _Collector()

@@ -4,9 +4,9 @@ from __future__ import annotations
 import importlib
 
 BENCHMARKS = [
-    "ifcvf.benchmarks.relay",
-    "ifcvf.benchmarks.relay_poll",
-    "ifcvf.benchmarks.sim",
+    "ifcvf.tools.benchmarks.relay",
+    "ifcvf.tools.benchmarks.relay_poll",
+    "ifcvf.tools.benchmarks.sim",
 ]
 
 

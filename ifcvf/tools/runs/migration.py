@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 
 from hal.memory import HostMemory, align_up
 from ifcvf.devargs import parse as parse_devargs
-from ifcvf.runs.stack import SimHost, Vf, Vm, cable, steer_by_flow
+from ifcvf.tools.runs.stack import SimHost, Vf, Vm, cable
 from sim._native import lib
 from sim.migration import (CpuDirtyTracker, Outcome, PreCopy, PreCopyConfig, log_bytes_for,
                            regions_of)
 from sim.scenario import Scenario, device_config
 from sim import virtio_regs as vr
 from sim.guest import SUPPORTED_FEATURES, GuestCosts
-from sim.traffic import Arrivals, Generator, Responder, Sink
+from sim.traffic import Arrivals, Generator, Responder, Sink, steer_by_flow
 from sim.wire import connect, disconnect
 
 PAGE = 4096

@@ -44,6 +44,12 @@ def register(subparsers) -> None:
 def cmd_run(args) -> int:
     from rich.console import Console
 
+    from ifcvf.tools.extras import require
+
+    require("sim", "`ifcvf sim run`")
+    if args.plot:
+        require("plot", "--plot")
+
     from sim.scenario import ScenarioError, load
 
     console = Console()
@@ -58,7 +64,7 @@ def cmd_run(args) -> int:
     console.rule(f"[bold]{scenario.name}[/] ({scenario.kind}, seed {scenario.seed})")
     if scenario.description:
         console.print(scenario.description)
-    from ifcvf.runs import render
+    from ifcvf.tools.runs import render
     try:
         result = render.run(scenario, console, plot=args.plot)
     except render.RunFailed as e:

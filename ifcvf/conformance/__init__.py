@@ -1,7 +1,0 @@
-"""The conformance suite: what the driver needs of a function, checked on any backend.
-
-``suite.py`` holds the tests (pytest), ``rings.py`` a minimal split ring to
-exercise queues, ``run.py`` the `ifcvf conformance` command.  The suite lives
-in the package, not only in tests/, so users can run it on their hardware
-from an installed copy.
-"""
