@@ -19,12 +19,6 @@ class LogRangeError(ValueError):
     """A range to mark lies (partly) past the end of the log; nothing was written."""
 
 
-def log_size_for(memory_end: int) -> int:
-    """Bytes of log needed to cover guest-physical addresses [0, memory_end)."""
-    pages = (memory_end + PAGE_SIZE - 1) // PAGE_SIZE
-    return (pages + 7) // 8
-
-
 class DirtyLog:
     """A view of a vhost log bitmap held in writable memory (an mmap, bytearray...)."""
 

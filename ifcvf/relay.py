@@ -29,6 +29,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 from hal.memory import PAGE_SIZE, HostMemory, align_up
 from ifcvf._native import ffi, lib
 from ifcvf.dirtylog import DirtyLog
+from ifcvf.vring import split_ring_layout, used_elem_offset
 
 log = logging.getLogger("ifcvf.relay")
 
@@ -146,13 +147,6 @@ class MemoryTable:
         return None
 
 
-def split_ring_layout(size: int, align: int = PAGE_SIZE) -> tuple[int, int, int]:
-    """(avail offset, used offset, total bytes) of a split ring, vring_init style."""
-    avail = 16 * size
-    used = align_up(avail + 6 + 2 * size, align)
-    return avail, used, align_up(used + 6 + 8 * size, PAGE_SIZE)
-
-
 class MediatedRing:
     """A driver-owned split ring in memfd memory (page aligned, DMA-mappable).
 
@@ -164,7 +158,8 @@ class MediatedRing:
         if size <= 0 or size > MAX_RING_SIZE or size & (size - 1):
             raise ValueError(f"ring size {size} is not a power of two in 1..{MAX_RING_SIZE}")
         self.size = size
-        self.avail_offset, self.used_offset, self.nbytes = split_ring_layout(size, align)
+        _, self.avail_offset, self.used_offset, end = split_ring_layout(0, size, align)
+        self.nbytes = align_up(end, PAGE_SIZE)
         self.memory = HostMemory(self.nbytes, name)
         self.address = self.memory.address
         self.desc_address = self.address
@@ -204,7 +199,7 @@ class MediatedRing:
 
     def put_used(self, idx: int, desc_id: int, length: int) -> None:
         """Write used element ``idx`` (free-running) as a device would; the index is not moved."""
-        struct.pack_into("<II", self.memory.view, self.used_offset + 4 + 8 * (idx % self.size),
+        struct.pack_into("<II", self.memory.view, self.used_offset + used_elem_offset(idx % self.size),
                          desc_id, length)
 
     def close(self) -> None:

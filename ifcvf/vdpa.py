@@ -39,6 +39,7 @@ from ifcvf.dirtylog import DirtyLog, LogRangeError
 from ifcvf.hw import HwError, IfcvfHw, QueueConfig, RingState
 from ifcvf.iova import place
 from ifcvf.relay import MediatedRing, MemoryTable, NotifyQueue, NotifyRelay, RelayError, RelayQueue
+from ifcvf.vring import used_ring_bytes
 
 log = logging.getLogger("ifcvf.vdpa")
 
@@ -51,7 +52,6 @@ EXTRA_FEATURES = (ids.bit(ids.Feature.NET_GUEST_ANNOUNCE) | ids.bit(ids.Feature.
 
 # Bits that mean something to vhost-user only, never to the VF.
 VHOST_ONLY = ids.bit(ids.Feature.LOG_ALL) | ids.bit(ids.Feature.PROTOCOL_FEATURES)
-USED_RING_HEADER = 4  # flags + idx before the used elements
 NOTIFY_PAGE = 4096    # what QEMU maps for a host notifier
 # While the software relay interposes it also polls, adaptively: the VF reads
 # used_event from the guest's avail ring, which the guest sets from what the
@@ -480,7 +480,7 @@ class VdpaDevice:
         for v in self._vrings(run):
             if v.index in run.queues:
                 try:
-                    area.log.mark(v.log_gpa, USED_RING_HEADER + 8 * v.size + 2)
+                    area.log.mark(v.log_gpa, used_ring_bytes(v.size))
                 except LogRangeError as err:
                     log.error("%s: vring %d: cannot log its used ring: %s", self.name, v.index, err)
 

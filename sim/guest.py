@@ -87,6 +87,7 @@ from sim import virtio_regs as vr
 from sim.traffic import (DEFAULT_DST_MAC, DEFAULT_SRC_MAC, Arrivals, CheckCounts, Checker,
                          SizeDist, Stream, mac_bytes)
 from sim.frames import WIRE_OVERHEAD
+from sim.ring_layout import ring_layout, used_ring_bytes
 from sim.world import World
 
 PAGE = 4096
@@ -190,10 +191,8 @@ def plan_layout(queue_pairs: int, queue_size: int, *, rx_buffer_size: int, tx_bu
     for q in range(2 * queue_pairs):
         tx = q % 2 == 1
         nslots = queue_size // 2 if tx and tx_chain == "split" else queue_size
-        desc = _align(addr, PAGE)
-        avail = desc + 16 * queue_size
-        used = _align(avail + 6 + 2 * queue_size, PAGE)
-        priv = _align(used + 6 + 8 * queue_size, 64)
+        desc, avail, used, _ = ring_layout(_align(addr, PAGE), queue_size)
+        priv = _align(used + used_ring_bytes(queue_size), 64)
         addr = priv + lib.ifc_gvq_priv_size(nslots)
         seq = hdrs = tables = 0
         if tx:

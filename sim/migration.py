@@ -22,18 +22,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ifcvf.vhost.protocol import log_size
 from sim._native import ffi, lib
 from sim.frontend import FrontEnd, Region, RingAddresses
 from sim.world import World
 
 PAGE = 4096
 _ONE = re.compile("1")
-
-
-def log_bytes_for(memory_end: int) -> int:
-    """QEMU's log size for guest memory ending at ``memory_end``: whole 64-bit chunks."""
-    pages = -(-memory_end // PAGE)
-    return -(-pages // 64) * 8
 
 
 @dataclass(frozen=True)
@@ -166,7 +161,7 @@ class PreCopy:
         self.src = src_ram
         self.dst = dst_ram
         self.log_memory = log_memory
-        self.log_size = log_bytes_for(src_ram.size)
+        self.log_size = log_size(src_ram.size)
         self.cpu = cpu
         self.config = config
         self.pause_guest = pause_guest

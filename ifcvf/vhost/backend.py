@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hal.memory import HostMemory
-from ifcvf import ids
-from ifcvf.dirtylog import DirtyLog, log_size_for
+from ifcvf import ids, vring
+from ifcvf.dirtylog import DirtyLog
 from ifcvf.vdpa import DeviceSetup, VdpaDevice, VdpaError, Vring
 from ifcvf.vhost import protocol as p
 from ifcvf.vhost.channel import Frame, close_fds
@@ -72,7 +72,6 @@ class VringSetup:
             setattr(self, name, -1)
 
 
-LOG_WORD = 8  # QEMU sizes and clears the log in 64-bit words
 
 
 @dataclass
@@ -305,9 +304,9 @@ class VhostBackend:
             raise Refused(f"vring {v.index}: ring addresses are misaligned "
                           f"(desc {addr.desc:#x} needs 16, avail {addr.avail:#x} 2, used {addr.used:#x} 4)")
         try:
-            return (self.memory.uva_to_gpa(addr.desc, 16 * num),
-                    self.memory.uva_to_gpa(addr.avail, 6 + 2 * num),
-                    self.memory.uva_to_gpa(addr.used, 6 + 8 * num))
+            return (self.memory.uva_to_gpa(addr.desc, vring.desc_table_bytes(num)),
+                    self.memory.uva_to_gpa(addr.avail, vring.avail_ring_bytes(num)),
+                    self.memory.uva_to_gpa(addr.used, vring.used_ring_bytes(num)))
         except GuestMemoryError as err:
             raise Refused(f"vring {v.index}: {err}") from None
 
@@ -478,11 +477,11 @@ class VhostBackend:
     def _check_log_size(self, size: int, offset: int, fd: int) -> None:
         """Refuse a log QEMU would never send: any multiple of 8 bytes is legal
         (one 64-bit word per 256 KiB of guest address space, never page-rounded)."""
-        if size == 0 or size % LOG_WORD:
-            raise Refused(f"log size {size} is not a positive multiple of {LOG_WORD} bytes")
-        if self.memory is not None and size < log_size_for(self.memory.end):
+        if size == 0 or size % p.LOG_WORD:
+            raise Refused(f"log size {size} is not a positive multiple of {p.LOG_WORD} bytes")
+        if self.memory is not None and size < p.log_size(self.memory.end):
             raise Refused(f"log of {size} bytes covers less than the memory table "
-                          f"(needs {log_size_for(self.memory.end)} bytes)")
+                          f"(needs {p.log_size(self.memory.end)} bytes)")
         try:
             st = os.fstat(fd)
         except OSError as err:
@@ -569,7 +568,7 @@ class VhostBackend:
         if self.memory is not None and v.num:
             gpas = self._translate(v, addr, v.num)
         if addr.flags & p.VRING_F_LOG and self.log_mapping is not None and v.num:
-            end = addr.log + 6 + 8 * v.num
+            end = addr.log + vring.used_ring_bytes(v.num)
             if end > self.log_mapping.log.pages * 4096:
                 raise Refused(f"vring {v.index}: used-ring log address {addr.log:#x} lies past the log")
         v.addr, v.gpas = addr, gpas

@@ -178,6 +178,18 @@ QEMU_7_2_PROTOCOL_FEATURES = protocol_mask(
       and f != ProtocolFeature.INBAND_NOTIFICATIONS))
 
 
+LOG_PAGE = 4096                  # one log bit per 4 KiB page
+LOG_WORD = 8                     # the log is read and cleared in 64-bit words
+LOG_CHUNK = 8 * LOG_WORD * LOG_PAGE   # guest bytes one word covers: 256 KiB
+
+
+def log_size(memory_end: int) -> int:
+    """Bytes of dirty log for guest memory ending at ``memory_end``: whole 64-bit
+    words, as QEMU sizes it (one word per 256 KiB, never rounded to a page).  A
+    back-end accepts any multiple of 8 that is at least this."""
+    return -(-memory_end // LOG_CHUNK) * LOG_WORD
+
+
 def request_name(request: Request | BackendRequest | int | None) -> str:
     """A readable name for error messages; raw codes stay numeric."""
     if isinstance(request, BackendRequest):

@@ -21,16 +21,12 @@ import struct
 
 from sim import virtio_regs as vr
 from sim.frames import WIRE_OVERHEAD, FrameBatch
+from sim.ring_layout import need_event
 from sim.world import World
 
 DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
-
-
-def need_event(event: int, new: int, old: int) -> bool:
-    """vring_need_event: did an index moving old -> new pass event?"""
-    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
 class LinePort:
@@ -326,7 +322,7 @@ class RingDevice:
         return len(entries)
 
 
-__all__ = ["RingDevice", "LinePort", "link", "need_event"]
+__all__ = ["RingDevice", "LinePort", "link"]
 
 
 class NullDevice:

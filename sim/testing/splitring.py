@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 
+from sim.ring_layout import need_event, ring_layout
+
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
@@ -17,18 +19,6 @@ AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 
 
-def ring_layout(base: int, size: int, align: int = 4096) -> tuple[int, int, int, int]:
-    """(desc, avail, used, end) of a split ring at ``base``, used ring ``align``-aligned."""
-    desc = base
-    avail = desc + 16 * size
-    used = (avail + 6 + 2 * size + align - 1) // align * align
-    end = (used + 6 + 8 * size + align - 1) // align * align
-    return desc, avail, used, end
-
-
-def need_event(event: int, new: int, old: int) -> bool:
-    """vring_need_event (virtio 2.7.10): did an index moving old -> new pass event?"""
-    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
 class SplitRing:

@@ -41,7 +41,8 @@ from hal.sysfs import Sysfs
 from hal.vfio import VfioFunction
 from ifcvf import ids
 from ifcvf.devargs import parse
-from ifcvf.dirtylog import DirtyLog, log_size_for
+from ifcvf.dirtylog import DirtyLog
+from ifcvf.vhost.protocol import log_size
 from ifcvf.vdpa import DeviceSetup, ProbeError, VdpaDevice, Vring
 from ifcvf.vhost.memory import GuestMemory, Region
 
@@ -167,7 +168,7 @@ class FakeVhost:
         self.call = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
         self.log = None
         if with_log:
-            size = log_size_for(self.memory.end)
+            size = log_size(self.memory.end)
             log_mem = HostMemory(align_up(size), f"{name}-log")
             self.log = LogArea(log_mem, 0, size, DirtyLog(log_mem.view[:size]))
         self.bases: list[tuple[int, int, int]] = []

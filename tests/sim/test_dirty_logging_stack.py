@@ -8,7 +8,8 @@ GET_VRING_BASE the driver marks the used rings (the device never does).
 from __future__ import annotations
 
 from hal.memory import HostMemory
-from ifcvf.tools.runs.bringup import GUEST_FEATURES, split_ring_layout
+from ifcvf.tools.runs.bringup import GUEST_FEATURES
+from ifcvf.vring import split_ring_layout
 from ifcvf.tools.runs.stack import SimHost
 from ifcvf.vhost import protocol as p
 from sim.config import IfcvfConfig

@@ -11,7 +11,8 @@ from hal.memory import HostMemory
 from hal.sim import SimFunction
 from ifcvf import ids
 from ifcvf.hw import HwError, IfcvfHw, QueueConfig, Timeouts
-from ifcvf.tools.runs.bringup import GUEST_FEATURES, split_ring_layout
+from ifcvf.tools.runs.bringup import GUEST_FEATURES
+from ifcvf.vring import split_ring_layout
 from sim.config import IfcvfConfig
 from sim.ifcvf import IfcvfFunction
 from sim.world import World

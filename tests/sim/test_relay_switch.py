@@ -19,7 +19,7 @@ from ifcvf.hw import IfcvfHw, Status
 from ifcvf.tools.runs.stack import SimHost, Vm, cable
 from ifcvf.vdpa import VdpaError
 from sim.config import IfcvfConfig
-from sim.migration import log_bytes_for
+from ifcvf.vhost.protocol import log_size
 from sim.traffic import Generator, Sink, steer_by_flow
 
 US = 1_000
@@ -55,7 +55,7 @@ class Stack:
         self.run(100)
 
     def set_log_base(self) -> None:
-        self.fe.set_log_base(self.log.fd, log_bytes_for(self.vm.ram.size))
+        self.fe.set_log_base(self.log.fd, log_size(self.vm.ram.size))
 
     def delivered(self) -> int:
         return self.vm.guest.rx_counts().frames
@@ -215,7 +215,7 @@ def test_dev_conf_with_log_all_logs_before_driver_ok(monkeypatch):
         features = negotiate(fe.features) | 1 << ids.Feature.PROTOCOL_FEATURES
         guest = GuestNet(host.world, vm.ram, features=features, queue_pairs=1, queue_size=256)
         rings = [RingAddresses(q, 256, *guest.queue_addresses(q)) for q in range(2)]
-        fe.set_log_base(log.fd, log_bytes_for(vm.ram.size))   # the destination of a migration
+        fe.set_log_base(log.fd, log_size(vm.ram.size))   # the destination of a migration
         fe.start(features | 1 << ids.Feature.LOG_ALL,
                  [Region(0, vm.ram.size, vm.ram.fd, vm.ram.address)], rings, log_all=True)
         assert vf.driver.mode == "hw-logging"

@@ -11,7 +11,8 @@ from hal.memory import HostMemory
 from ifcvf import ids
 from ifcvf.tools.runs.stack import SimHost, Vm, cable
 from sim.config import IfcvfConfig
-from sim.migration import DirtyLogReader, log_bytes_for
+from ifcvf.vhost.protocol import log_size
+from sim.migration import DirtyLogReader
 from sim.traffic import Generator, Sink, steer_by_flow
 
 US = 1_000
@@ -74,8 +75,8 @@ def start_logging(stack, warmup_us: float) -> DirtyLogReader:
     vm.guest.start()
     gen.start()
     host.world.advance_ns(warmup_us * US)
-    fe.set_log_base(log.fd, log_bytes_for(vm.ram.size))
-    reader = DirtyLogReader(log, log_bytes_for(vm.ram.size))
+    fe.set_log_base(log.fd, log_size(vm.ram.size))
+    reader = DirtyLogReader(log, log_size(vm.ram.size))
     fe.set_log_all(True, vm.rings)
     return reader
 
@@ -104,7 +105,7 @@ def test_cancelled_migration_leaves_nothing_behind(stack):
     vm.guest.start()
     gen.start()
     host.world.advance_ns(100 * US)
-    fe.set_log_base(log.fd, log_bytes_for(vm.ram.size))
+    fe.set_log_base(log.fd, log_size(vm.ram.size))
     fe.set_log_all(True, vm.rings)
     assert len(vf.model.iommu.mappings()) > len(guest_maps)  # the log or the mediated rings
     host.world.advance_ns(200 * US)
@@ -145,7 +146,7 @@ def test_hostile_entry_breaks_only_its_relayed_queue():
     sink = Sink(host.world, tester, flows=4, flow_base=vm.guest.tx_flow_base)
     log = HostMemory(4 * PAGE, "vhost-log")
     try:
-        fe.set_log_base(log.fd, log_bytes_for(vm.ram.size))
+        fe.set_log_base(log.fd, log_size(vm.ram.size))
         fe.set_log_all(True, vm.rings)
         vm.guest.start()
         host.world.advance_ns(50 * US)

@@ -12,7 +12,8 @@ import pytest
 
 from hal.memory import HostMemory
 from ifcvf import ids
-from ifcvf.tools.runs.bringup import GUEST_FEATURES, split_ring_layout
+from ifcvf.tools.runs.bringup import GUEST_FEATURES
+from ifcvf.vring import split_ring_layout
 from ifcvf.tools.runs.stack import SimHost
 from ifcvf.vhost import protocol as p
 from ifcvf.vhost.channel import recv_message, send_message

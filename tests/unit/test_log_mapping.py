@@ -17,7 +17,8 @@ from ifcvf.tools.runs.stack import SimHost, Vm, cable
 from ifcvf.vhost import protocol as p
 from sim.config import IfcvfConfig
 from sim.frontend import Region
-from sim.migration import DirtyLogReader, log_bytes_for
+from ifcvf.vhost.protocol import log_size
+from sim.migration import DirtyLogReader
 from sim.traffic import Generator, steer_by_flow
 
 MiB = 1 << 20
@@ -152,7 +153,7 @@ def test_a_refused_log_stops_a_logging_vf_until_a_usable_one_comes(devargs):
         vf = host.add_vf(IfcvfConfig(queue_pairs=1), devargs=devargs)
         vm = Vm(host, pairs=1, queue_size=256, tx_rate_gbps=1, tx_sizes=1518, rx_flows=1)
         fe = vm.plug(vf)
-        size = log_bytes_for(vm.ram.size)
+        size = log_size(vm.ram.size)
         fe.set_log_base(first.fd, size)
         fe.set_log_all(True, vm.rings)
         assert vf.driver.mode in ("hw-logging", "sw-relay")
@@ -190,7 +191,7 @@ def test_a_200_mib_guest_migrates_with_a_6400_byte_log(devargs):
     try:
         vf = host.add_vf(IfcvfConfig(queue_pairs=1), devargs=devargs)
         vm = Vm(host, pairs=1, queue_size=256, ram_mib=200, tx_rate_gbps=1, tx_sizes=1518, rx_flows=1)
-        assert vm.ram.size == 200 * MiB and log_bytes_for(vm.ram.size) == LOG_200M
+        assert vm.ram.size == 200 * MiB and log_size(vm.ram.size) == LOG_200M
         fe = vm.plug(vf)
         tester = cable(host.world, vf)
         vf.model.datapath.steer = steer_by_flow([0])

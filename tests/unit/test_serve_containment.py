@@ -14,7 +14,8 @@ import threading
 import pytest
 
 from hal.memory import HostMemory
-from ifcvf.tools.runs.bringup import GUEST_FEATURES, split_ring_layout
+from ifcvf.tools.runs.bringup import GUEST_FEATURES
+from ifcvf.vring import split_ring_layout
 from ifcvf.tools.runs.stack import SimHost
 from ifcvf.vhost import protocol as p
 from ifcvf.vhost.backend import HANDLERS, VhostBackend

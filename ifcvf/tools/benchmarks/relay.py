@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from ifcvf.vring import split_ring_layout
+
 HELP = """\
 Measure the SW-assisted live-migration used-ring relay: how many used entries
 per second it moves from the mediated ring (where the device writes them) to
@@ -85,18 +87,17 @@ class Setup:
 
     def __init__(self, size: int, chain: int, scatter: bool, seed: int = 1):
         from hal.memory import HostMemory
-        from ifcvf.dirtylog import log_size_for
+        from ifcvf.vhost.protocol import log_size
         from ifcvf.relay import MediatedRing
 
         self.size, self.chain = size, chain
         self.desc_gpa = 0x1000
-        self.avail_gpa = self.desc_gpa + 16 * size
-        self.used_gpa = (self.avail_gpa + 6 + 2 * size + 4095) // 4096 * 4096
+        _, self.avail_gpa, self.used_gpa, _ = split_ring_layout(self.desc_gpa, size)
         pool_pages = 2 * size if scatter else size * BUFFER // 4096 + 1
         self.mem_size = POOL_GPA + pool_pages * 4096
         self.memory = HostMemory(self.mem_size, "bench-guest")
         self.mediated = MediatedRing(size)
-        self.log = bytearray(log_size_for(self.mem_size))
+        self.log = bytearray(log_size(self.mem_size))
         rnd = random.Random(seed)
         pages = rnd.sample(range(pool_pages), size) if scatter else None
         view = self.memory.view

@@ -13,6 +13,8 @@ import struct
 import time
 from pathlib import Path
 
+from ifcvf.vring import split_ring_layout
+
 HELP = """\
 The software relay cannot rely on the VF's interrupts alone: the VF reads
 used_event from the guest's avail ring, which the guest sets from what the
@@ -57,14 +59,14 @@ class IdleRelay:
         from ifcvf.relay import MediatedRing, MemoryTable, NotifyQueue, NotifyRelay, RelayQueue
         from ifcvf.vdpa import RELAY_POLL_MAX_NS, RELAY_POLL_MIN_NS
 
-        self.stride = 16 * RING + 4096 + 8 * RING + 4096
+        self.stride = split_ring_layout(0, RING)[3]
         self.memory = HostMemory(RX_GPA + queues * self.stride + (1 << 20), "bench-guest")
         table = MemoryTable([(0, self.memory.size, self.memory.address)])
         self.rings, self.relays, self.fds = [], [], []
         specs = []
         for q in range(queues):
             desc = RX_GPA + q * self.stride
-            avail, used = desc + 16 * RING, desc + 16 * RING + 4096
+            _, avail, used, _ = split_ring_layout(desc, RING)
             ring = MediatedRing(RING)
             relay = RelayQueue(table, RING, desc, avail, used, ring, event_idx=True)
             kick, intr, call = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3))

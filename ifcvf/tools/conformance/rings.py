@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import struct
 
-from hal.memory import HostMemory, align_up
+from hal.memory import HostMemory
+from ifcvf.vring import split_ring_layout, used_elem_offset
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -20,10 +21,7 @@ class TestRing:
     def __init__(self, memory: HostMemory, offset: int, size: int, iova_base: int = 0):
         self.mem = memory.view
         self.size = size
-        self.desc = offset
-        self.avail = offset + 16 * size
-        self.used = align_up(self.avail + 6 + 2 * size, 4096)
-        self.end = align_up(self.used + 6 + 8 * size, 4096)
+        self.desc, self.avail, self.used, self.end = split_ring_layout(offset, size)
         self.iova_base = iova_base
         self.mem[offset:self.end] = bytes(self.end - offset)
         self.next_desc = 0
@@ -54,4 +52,4 @@ class TestRing:
         return struct.unpack_from("<H", self.mem, self.used + 2)[0]
 
     def used_elem(self, n: int) -> tuple[int, int]:
-        return struct.unpack_from("<II", self.mem, self.used + 4 + 8 * (n % self.size))
+        return struct.unpack_from("<II", self.mem, self.used + used_elem_offset(n % self.size))

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from hal.memory import HostMemory, align_up
+from hal.memory import HostMemory
 from ifcvf import ids
 from ifcvf.hw import IfcvfHw, QueueConfig
 from ifcvf.tools.functions import SIM, open_function
+from ifcvf.vring import split_ring_layout
 from sim.scenario import Scenario, device_config
 from sim.world import World
 
@@ -23,15 +24,6 @@ GUEST_FEATURES = (ids.bit(ids.Feature.VERSION_1) | ids.bit(ids.Feature.NET_MAC)
                   | ids.bit(ids.Feature.NET_MQ) | ids.bit(ids.Feature.NET_CTRL_VQ)
                   | ids.bit(ids.Feature.RING_EVENT_IDX) | ids.bit(ids.Feature.RING_INDIRECT_DESC)
                   | ids.bit(ids.Feature.NET_MTU))
-
-
-def split_ring_layout(base: int, size: int) -> tuple[int, int, int, int]:
-    """(desc, avail, used, end) of a split ring at ``base`` with the used ring page aligned."""
-    desc = base
-    avail = desc + 16 * size
-    used = align_up(avail + 6 + 2 * size, 4096)
-    end = align_up(used + 6 + 8 * size, 4096)
-    return desc, avail, used, end
 
 
 @dataclass

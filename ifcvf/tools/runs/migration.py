@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from hal.memory import HostMemory, align_up
 from ifcvf.devargs import parse as parse_devargs
 from ifcvf.tools.runs.stack import SimHost, Vf, Vm, cable
+from ifcvf.vhost.protocol import log_size
 from sim._native import lib
-from sim.migration import (CpuDirtyTracker, Outcome, PreCopy, PreCopyConfig, log_bytes_for,
+from sim.migration import (CpuDirtyTracker, Outcome, PreCopy, PreCopyConfig,
                            regions_of)
 from sim.scenario import Scenario, device_config
 from sim import virtio_regs as vr
@@ -282,8 +283,7 @@ class MigrationRun:
 
     def _migrate(self, src: Vf, dst: Vf, src_ram, dst_ram) -> Leg:
         world = self.host.world
-        log_size = log_bytes_for(src_ram.size)
-        log_memory = HostMemory(align_up(max(log_size, PAGE)), "qemu-vhost-log")
+        log_memory = HostMemory(align_up(max(log_size(src_ram.size), PAGE)), "qemu-vhost-log")
         cpu = CpuDirtyTracker(world, src_ram, always=self._cpu_ranges(),
                               workload_base=self.vm.layout_end,
                               workload_size=min(self.mig["guest_dirty_set_mib"] << 20,
