@@ -30,6 +30,7 @@
 #include <stddef.h>
 #include <string.h>
 #include "sim_native.h"
+#include "vring_event.h"
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
@@ -419,8 +420,7 @@ int ifc_gvq_publish(ifc_gvq *q)
     int need;
     if (q->flags & IFC_GVQ_F_EVENT_IDX) {
         uint16_t event = load16(AVAIL_EVENT(q));
-        /* vring_need_event: did the index move past event since the last decision? */
-        need = (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - q->kick_old);
+        need = vring_need_event(event, new_idx, q->kick_old);   /* since the last decision */
     } else {
         need = !(load16(USED_FLAGS(q)) & VRING_USED_F_NO_NOTIFY);
     }

@@ -16,6 +16,7 @@
 #include <string.h>
 #include "sim_native.h"
 #include "logbits.h"
+#include "vring_event.h"
 
 #define DESC_F_NEXT 1
 #define DESC_F_WRITE 2
@@ -599,7 +600,7 @@ int ifc_dp_publish(struct ifc_dp_vq *q, const uint32_t *ids, const uint32_t *len
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (q->flags & IFC_DP_F_EVENT_IDX) {
         uint16_t event = ld16(q->avail + 4 + 2 * (size_t)q->size);
-        return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+        return vring_need_event(event, new_idx, old);
     }
     return !(ld16(q->avail) & AVAIL_F_NO_INTERRUPT);
 }
