@@ -107,6 +107,23 @@ class VfStats:
     device: DeviceCounters | None = None
 
     def to_dict(self) -> dict:
+        """JSON-ready: features in hex; the device's per-queue counters only under each queue."""
         out = asdict(self)
         out["features"] = f"{self.features:#x}"
+        if out["device"] is not None:
+            del out["device"]["queues"]
         return out
+
+    def summary(self) -> str:
+        """One line for the log: the state, the migration, and the queues that did anything."""
+        busy = []
+        for q in self.queues:
+            counts = {k: v for k, v in asdict(q.driver).items() if v}
+            if q.device is not None:
+                counts.update({f"dev_{k}": v for k, v in asdict(q.device).items()
+                               if v and k in ("chains", "frames", "bytes", "dropped", "bad_descriptors")})
+            if counts or q.broken:
+                busy.append(f"q{q.index} {counts}" + (f" broken: {q.broken}" if q.broken else ""))
+        m = self.migration
+        return (f"{self.state}, migration {m.mode}/{m.phase} ({m.migrations} started, {m.switch_overs} "
+                f"switch-overs, {m.pauses} pauses), " + ("; ".join(busy) or "no traffic"))
