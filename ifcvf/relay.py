@@ -285,6 +285,11 @@ class RelayQueue:
     def relayed(self) -> int:
         return self.cdata.relayed
 
+    @property
+    def pages_logged(self) -> int:
+        """Buffer pages marked in the dirty log, all calls (a page per buffer range)."""
+        return self.cdata.pages_logged
+
     def relay(self, max_entries: int = 0) -> RelayBatch:
         """One C call: relay up to max_entries (0: all pending).  RelayError marks the queue broken.
 

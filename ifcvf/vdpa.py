@@ -39,6 +39,7 @@ from ifcvf.dirtylog import DirtyLog, LogRangeError
 from ifcvf.hw import HwError, IfcvfHw, QueueConfig, RingState
 from ifcvf.iova import place
 from ifcvf.relay import MediatedRing, MemoryTable, NotifyQueue, NotifyRelay, RelayError, RelayQueue
+from ifcvf.stats import DeviceCounters, MigrationStats, QueueStats, RelayCounters, VfStats
 from ifcvf.vring import used_ring_bytes
 
 log = logging.getLogger("ifcvf.vdpa")
@@ -244,6 +245,15 @@ class VdpaDevice:
         self.features = (self.device_features & ~ids.bit(ids.Feature.ACCESS_PLATFORM)) | EXTRA_FEATURES
         self.running: Running | None = None
         self.logging = False
+        # Statistics (ifcvf.stats): cumulative per vring, and the migration as seen from here.
+        self._totals: dict[int, RelayCounters] = {}
+        self._phase = "none"
+        self._migrations = self._switch_overs = self._pauses = self._log_marks = 0
+        self._logall_since: int | None = None     # clock ns LOG_ALL was set at
+        self._still_since: int | None = None      # clock ns the rings stopped at (paused or switch-over)
+        self._downtime_ns = 0
+        self._last_precopy_s: float | None = None
+        self._last_downtime_s: float | None = None
         log.info("%s: %s, %d queue pairs, LM block: %s", self.name, self.kind, self.max_queue_pairs,
                  "yes" if self.hw.has_lm_block else f"no ({self.hw.lm_absent_reason})")
 
@@ -301,6 +311,7 @@ class VdpaDevice:
             self._teardown(run, save_state=False)
             self.running = None
             raise VdpaError(f"{self.name}: cannot configure the VF: {err}") from None
+        self._migration_started(run)
 
     def _vrings(self, run: Running) -> list[Vring]:
         return [v for v in run.setup.vrings if v.index < self.max_vrings]
@@ -384,6 +395,7 @@ class VdpaDevice:
     def _stop_relay(self, run: Running) -> None:
         if run.relay is not None:
             self.fn.stop_poller(run.relay)
+            self._fold_relay(run.relay)
             run.relay.close()
             run.relay = None
 
@@ -410,6 +422,7 @@ class VdpaDevice:
             return {}
         self.running = None
         states = self._teardown(run, save_state=True)
+        self._migration_stopped(run)
         log.info("%s: datapath down", self.name)
         return states
 
@@ -481,6 +494,7 @@ class VdpaDevice:
             if v.index in run.queues:
                 try:
                     area.log.mark(v.log_gpa, used_ring_bytes(v.size))
+                    self._log_marks += 1
                 except LogRangeError as err:
                     log.error("%s: vring %d: cannot log its used ring: %s", self.name, v.index, err)
 
@@ -565,7 +579,8 @@ class VdpaDevice:
                 self.fn.dma_unmap(iova, size)
             except HalError as err:
                 log.error("%s: unmapping mediated ring %d: %s", self.name, q, err)
-        for relay in sw.queues.values():
+        for q, relay in sw.queues.items():
+            self._total(q).pages_logged += relay.pages_logged
             relay.close()
         for ring in sw.rings.values():
             ring.close()
@@ -742,6 +757,12 @@ class VdpaDevice:
             return
         old = run.setup.features, run.setup.log
         run.setup.features, run.setup.log = features, log_area
+        had = bool(old[0] & ids.bit(ids.Feature.LOG_ALL))
+        if want and not had:
+            self._begin_migration()
+        elif had and not want:
+            self._end_still()
+            self._phase = "cancelled"
         if run.paused is not None:
             if not want or run.setup.log is not None:
                 self._resume(run, logged=want)
@@ -808,6 +829,7 @@ class VdpaDevice:
         self._disable_logging(run)
         run.paused_states = states
         run.paused = reason
+        self._paused_now()
         log.error("%s: VF stopped until a usable dirty log comes or LOG_ALL is cleared: %s",
                   self.name, reason)
 
@@ -825,6 +847,8 @@ class VdpaDevice:
             run.paused, run.paused_states = f"{reason}; restart failed: {err}", states
             log.error("%s: VF stays stopped: %s", self.name, run.paused)
             return
+        self._end_still()
+        self._phase = "logging" if logged else "cancelled"
         self._wake_guest(run, sorted(run.queues))
         log.info("%s: VF restarted (%s) after: %s", self.name, self.mode, reason)
         if run.sw is None:
@@ -838,6 +862,93 @@ class VdpaDevice:
                     self.set_vring_state(v.index, v.enabled)
                 except VdpaError as err:
                     log.error("%s: vring %d: %s", self.name, v.index, err)
+
+    # --- statistics ------------------------------------------------------------------
+    def _total(self, q: int) -> RelayCounters:
+        return self._totals.setdefault(q, RelayCounters())
+
+    def _fold_relay(self, relay: NotifyRelay) -> None:
+        """A relay is about to go: keep what it counted."""
+        for q in relay.specs:
+            s = relay.stats(q)
+            self._total(q).add(RelayCounters(s.kicks, s.interrupts, s.relayed, s.signals, s.polls,
+                                             s.relay_kicks))
+
+    def _now(self) -> int:
+        return self.fn.clock.now_ns()
+
+    def _begin_migration(self) -> None:
+        self._migrations += 1
+        self._phase = "logging"
+        self._logall_since = self._now()
+        self._still_since = None
+        self._downtime_ns = 0
+        self._last_precopy_s = self._last_downtime_s = None
+
+    def _paused_now(self) -> None:
+        self._pauses += 1
+        self._phase = "paused"
+        if self._still_since is None:
+            self._still_since = self._now()
+
+    def _end_still(self) -> None:
+        """The rings run again: what they stood still counts as downtime."""
+        if self._still_since is not None:
+            self._downtime_ns += self._now() - self._still_since
+            self._still_since = None
+            self._last_downtime_s = self._downtime_ns / 1e9
+
+    def _migration_started(self, run: Running) -> None:
+        if self._phase == "switched-over":
+            self._end_still()
+            self._phase = "restarted"
+        if run.setup.features & ids.bit(ids.Feature.LOG_ALL):
+            self._begin_migration()
+            if run.paused is not None:
+                self._paused_now()
+
+    def _migration_stopped(self, run: Running) -> None:
+        if not run.setup.features & ids.bit(ids.Feature.LOG_ALL):
+            return
+        self._switch_overs += 1
+        self._phase = "switched-over"
+        now = self._now()
+        if self._logall_since is not None:
+            self._last_precopy_s = (now - self._logall_since) / 1e9
+        if self._still_since is None:
+            self._still_since = now
+        self._last_downtime_s = None
+
+    def stats(self, device: DeviceCounters | None = None) -> VfStats:
+        """A snapshot of this VF's counters; ``device``: what the device itself counted, if
+        anyone can tell (the simulator's model), merged per queue."""
+        run = self.running
+        live: dict[int, RelayCounters] = {q: RelayCounters(**vars(c)) for q, c in self._totals.items()}
+        broken = self.broken_vrings()
+        if run is not None and run.relay is not None:
+            for q in run.relay.specs:
+                s = run.relay.stats(q)
+                live.setdefault(q, RelayCounters()).add(RelayCounters(
+                    s.kicks, s.interrupts, s.relayed, s.signals, s.polls, s.relay_kicks))
+        if run is not None and run.sw is not None:
+            for q, relay in run.sw.queues.items():
+                live.setdefault(q, RelayCounters()).pages_logged += relay.pages_logged
+        device_queues = device.queues if device is not None else {}
+        queues = [QueueStats(index=q, direction="rx" if q % 2 == 0 else "tx",
+                             running=run is not None and q in run.queues,
+                             relayed_by_sw=run is not None and run.sw is not None and q in run.sw.queues,
+                             driver=live.get(q, RelayCounters()), broken=broken.get(q),
+                             device=device_queues.get(q))
+                  for q in range(self.max_vrings)]
+        migration = MigrationStats(
+            mode="sw-relay" if self.devargs.sw_live_migration else "hw-logging",
+            phase=self._phase, migrations=self._migrations, switch_overs=self._switch_overs,
+            pauses=self._pauses, log_marks=self._log_marks, last_precopy_s=self._last_precopy_s,
+            last_downtime_s=self._last_downtime_s)
+        return VfStats(name=self.name, kind=self.kind, state=self.mode,
+                       features=run.setup.features if run is not None else 0,
+                       queue_pairs=self.max_queue_pairs, migration=migration, queues=queues,
+                       device=device)
 
     # --- hardware dirty logging --------------------------------------------------------
     def _map_log(self, run: Running) -> tuple[int, int]:

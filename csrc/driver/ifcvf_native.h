@@ -208,6 +208,7 @@ struct ifc_relay_queue {
     uint64_t log_pages;         /* pages the log covers (log_size * 8) */
     uint64_t relayed;           /* entries relayed, all calls */
     uint64_t calls;             /* calls that relayed something */
+    uint64_t pages_logged;      /* buffer pages marked in the log (a page per buffer range) */
     uint32_t lock;              /* spin lock serialising calls */
     uint16_t last;              /* next used index to relay */
     uint16_t ready;             /* set by a successful init */

@@ -482,8 +482,10 @@ static int relay_locked(struct ifc_relay_queue *q, uint32_t max_entries, struct 
         uint8_t *log = q->cfg.log;
         if (log != NULL && v.nranges) {
             __atomic_thread_fence(__ATOMIC_RELEASE);   /* buffer data before bits */
-            for (uint32_t r = 0; r < v.nranges; r++)
+            for (uint32_t r = 0; r < v.nranges; r++) {
                 ifc_log_set_pages(log, v.scratch[r].first_page, v.scratch[r].last_page);
+                q->pages_logged += v.scratch[r].last_page - v.scratch[r].first_page + 1;
+            }
         }
         uint32_t slot0 = last & mask;
         uint32_t first = count < size - slot0 ? count : size - slot0;
@@ -651,6 +653,7 @@ int ifc_relay_queue_init(struct ifc_relay_queue *q, const struct ifc_relay_confi
     q->log_pages = cfg->log_size > UINT64_MAX / 8 ? UINT64_MAX : cfg->log_size * 8;
     q->relayed = 0;
     q->calls = 0;
+    q->pages_logged = 0;
     q->lock = 0;
     q->last = cfg->last_idx;
     if (cfg->flags & IFC_RELAY_F_EVENT_IDX) {

@@ -13,6 +13,7 @@ import sys
 # command's heavy imports (simpy, cffi) load only when it runs.
 COMMANDS = [
     "ifcvf.tools.commands.serve",
+    "ifcvf.tools.commands.ctl",
     "ifcvf.tools.commands.sim",
     "ifcvf.tools.commands.conformance",
     "ifcvf.tools.commands.bench",
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ifcvf.tools.extras import MissingExtra, extra_providing
     from ifcvf.tools.logs import setup_logging
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, getattr(args, "log_format", "text"))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

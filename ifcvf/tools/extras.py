@@ -6,6 +6,7 @@ package (pyproject.toml); `make run` and `make test` install all of them:
 - ``sim``          simpy: the simulated IFCVF (`--device sim`, `ifcvf sim run`, `ifcvf bench sim`);
 - ``plot``         matplotlib: `ifcvf sim run --plot`;
 - ``conformance``  pytest: `ifcvf conformance`;
+- ``metrics``      prometheus_client: `ifcvf serve --metrics`;
 - ``test``         pytest and hypothesis: the repository's own tests.
 
 A command checks for its extra before it does anything (``require``); the
@@ -22,6 +23,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "sim": ("simpy",),
     "plot": ("matplotlib",),
     "conformance": ("pytest",),
+    "metrics": ("prometheus_client",),
     "test": ("pytest", "hypothesis"),
 }
 

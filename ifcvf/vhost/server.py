@@ -17,6 +17,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -71,6 +72,8 @@ class VhostServer:
         self._wake_lock = threading.RLock()
         self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self.stopping = False
+        # Work other threads hand to the loop (call_soon), run by poll_once.
+        self._calls: deque[Callable[[], None]] = deque()
 
     # --- set-up ---------------------------------------------------------------------
     def add_endpoint(self, path: str, make_backend: Callable[[], VhostBackend], *, client: bool = False) -> Endpoint:
@@ -83,6 +86,52 @@ class VhostServer:
         else:
             self._try_connect(ep)
         return ep
+
+    def remove_endpoint(self, path: str) -> Endpoint:
+        """Stop serving ``path``: close its connection (which stops its VF), its
+        listener and its socket file.  KeyError if no endpoint has that path.
+        The other endpoints are not touched."""
+        ep = next((e for e in self.endpoints if e.path == path), None)
+        if ep is None:
+            raise KeyError(path)
+        self.endpoints.remove(ep)
+        if ep.conn is not None:
+            self._close_conn(ep.conn)
+        if ep.listener is not None:
+            try:
+                self.selector.unregister(ep.listener)
+            except (KeyError, ValueError):
+                pass
+            ep.listener.close()
+            ep.listener = None
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        log.info("no longer serving %s", path)
+        return ep
+
+    # --- other fds the loop serves (the serve command's control socket) ------------
+    def watch(self, fileobj, callback: Callable[[int], None], *, write: bool = False) -> None:
+        """Call ``callback(events)`` from the loop when ``fileobj`` is readable (or
+        writable too, with ``write``); again to change what is watched.  The
+        callback must not block; what it raises is logged, and the loop goes on."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        try:
+            self.selector.modify(fileobj, events, ("watch", callback))
+        except KeyError:
+            self.selector.register(fileobj, events, ("watch", callback))
+
+    def unwatch(self, fileobj) -> None:
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop's thread at its next round (thread-safe)."""
+        self._calls.append(fn)
+        self.wake()
 
     @staticmethod
     def _listen(path: str) -> socket.socket:
@@ -161,8 +210,10 @@ class VhostServer:
         self.stopping = True
         self.wake()
 
-    def serve_forever(self, timeout: float = RECONNECT_S, after: Callable[[], None] | None = None) -> None:
+    def serve_forever(self, timeout: float | Callable[[], float] = RECONNECT_S,
+                      after: Callable[[], None] | None = None) -> None:
         """Serve until ``stop``; ``after`` runs after each round (the simulated world's clock).
+        ``timeout``: how long a round may wait, or a callable asked each round.
 
         Each connection's errors are contained by ``poll_once``; what is left is
         the loop's own machinery and ``after``.  Those are logged and the loop
@@ -172,7 +223,7 @@ class VhostServer:
         failures = 0
         while not self.stopping:
             try:
-                self.poll_once(timeout)
+                self.poll_once(timeout() if callable(timeout) else timeout)
                 if after is not None:
                     after()
             except Exception:
@@ -187,18 +238,30 @@ class VhostServer:
     def poll_once(self, timeout: float | None = 0) -> int:
         """Handle everything pending (waiting up to ``timeout`` s for something); returns frames handled."""
         handled = 0
-        for key, _ in self.selector.select(timeout):
+        for key, events in self.selector.select(timeout):
             kind, obj = key.data
             if kind == "wake":
                 self._drain_wake()
             elif kind == "listen":
-                self._guarded_accept(obj)
+                if obj in self.endpoints:   # not removed earlier this round
+                    self._guarded_accept(obj)
+            elif kind == "watch":
+                try:
+                    obj(events)
+                except Exception:
+                    log.error("a watched fd's handler failed", exc_info=True)
             elif obj not in self.connections:
                 continue  # closed by an earlier event of this round
             elif kind == "conn":
                 handled += self._service(obj)
             elif kind == "backend":
                 self._guarded(obj, "reading its back-end channel", self._read_channel, obj)
+        while self._calls:
+            fn = self._calls.popleft()
+            try:
+                fn()
+            except Exception:
+                log.error("work handed to the loop failed", exc_info=True)
         for conn in list(self.connections):
             self._guarded(conn, "sending on its back-end channel", self._send_backend_requests, conn)
         now = time.monotonic()

@@ -53,6 +53,19 @@ QEMU example (guest memory must be shared):
 (QEMU 7.2 under TCG, no KVM: add vectors=0 to the -device, or QEMU crashes when
 the guest enables MSI-X on a vhost NIC; the guest then uses INTx.)
 
+Operating it:
+  --control PATH         a control socket (0600) for `ifcvf ctl`: list the VFs,
+                         read their statistics, add and remove VFs at run time
+                         without disturbing the others
+  --metrics HOST:PORT    Prometheus metrics at http://HOST:PORT/metrics
+                         (names ifcvf_*; the `metrics` extra)
+  --log-format json      one JSON object per log line (journald, log pipelines)
+
+  ifcvf serve --socket /run/vf0.sock --device sim --control /run/ifcvf.ctl \
+              --metrics 127.0.0.1:9469
+  ifcvf ctl --control /run/ifcvf.ctl add /run/vf1.sock sim
+  ifcvf ctl --control /run/ifcvf.ctl list --json
+
 SIGTERM or Ctrl-C stops the VFs and exits.
 """
 
@@ -75,6 +88,14 @@ def register(subparsers) -> None:
     parser.add_argument("--no-status", action="store_true",
                         help="do not offer the STATUS protocol feature (QEMU 7.2 orders messages "
                              "differently with it)")
+    parser.add_argument("--control", metavar="PATH",
+                        help="serve a control socket at PATH (created 0600) for `ifcvf ctl`: list, "
+                             "stats, add and remove VFs at run time")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                             "(the `metrics` extra: pip install 'ifcvf[metrics]')")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log lines as text, or one JSON object per line (journald, log pipelines)")
     parser.add_argument("--print-capabilities", action="store_true",
                         help="print the back-end's capabilities as JSON (vhost-user back-end "
                              "program conventions) and exit")
@@ -134,83 +155,69 @@ def _wire_specs(args) -> dict[int, tuple[int, int]]:
     return specs
 
 
-def open_wire(model, local: int, remote: int):
-    """Join the port of the simulated VF ``model`` to UDP."""
-    from sim.udpwire import UdpWire
-
-    return UdpWire(model.world, model.port, local, remote, name=f"{model.name}.udp")
-
-
 def cmd_serve(args) -> int:
     if args.print_capabilities:
         print(json.dumps(capabilities()))
         return 0
-    from hal.api import HalError
-    from ifcvf.devargs import DevargsError, parse
-    from ifcvf.tools.functions import is_sim, open_function
-    from ifcvf.vdpa import ProbeError, VdpaDevice
-    from ifcvf.vhost.backend import VhostBackend
-    from ifcvf.vhost.server import VhostServer
+    from ifcvf.tools.daemon import AddError, Daemon
+    from ifcvf.tools.functions import is_sim
 
     pairs = _pairs(args)
-    wires = _wire_specs(args)
+    _wire_specs(args)   # checked before anything is opened
     if any(is_sim(device) for _, device, _ in pairs):
         require("sim", "a simulated VF (`--device sim`)")
-    world = None        # every simulated VF of this process shares one world
-    models: list = []   # the simulated VFs, in --device order
-    drivers = []
-    links = []
-    server = VhostServer()
+    metrics_address = _metrics_address(args.metrics) if args.metrics else None
+    if metrics_address is not None:
+        require("metrics", "--metrics (the Prometheus endpoint)")
+    daemon = Daemon(client=args.client, status_feature=not args.no_status)
+    server = daemon.server
+    control = metrics = None
     # Before anything is announced: whoever reads "serving ..." may SIGTERM at once.
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     try:
         for index, (path, device, devargs) in enumerate(pairs):
             try:
-                fn = open_function(device, world=world, index=len(models))
-                if is_sim(device):
-                    world = fn.world
-                    models.append(fn.model)
-                if index in wires:
-                    links.append(open_wire(models[-1], *wires[index]))
-                    log.warning("%s (%s): wire %s", device, models[-1].name, links[-1].describe())
-                driver = VdpaDevice(fn, parse(devargs))
-            except (DevargsError, ProbeError, HalError, OSError) as err:
-                log.error("%s: %s", device, err)
+                daemon.add(path, device, devargs, args.wire.get(index))
+            except AddError as err:
+                log.error("%s", err)
                 return 1
-            drivers.append(driver)
-            server.add_endpoint(path, lambda d=driver, p=path: VhostBackend(
-                d, name=p, status_feature=not args.no_status), client=args.client)
-            log.warning("serving %s on %s (%s)", device, path, driver.kind)
+        if args.control:
+            from ifcvf.tools.control import ControlServer
+            try:
+                control = ControlServer(args.control, daemon)
+            except OSError as err:
+                log.error("control socket %s: %s", args.control, err)
+                return 1
+            log.warning("control socket on %s", args.control)
+        if metrics_address is not None:
+            from ifcvf.tools.metrics import MetricsServer
+            try:
+                metrics = MetricsServer(daemon, *metrics_address)
+            except OSError as err:
+                log.error("metrics on %s:%s: %s", *metrics_address, err)
+                return 1
+            log.warning("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         try:
-            if world is not None:
-                from sim.realtime import RealtimeClock
-                clock = RealtimeClock(world)
-                server.serve_forever(timeout=0.001, after=clock.sync)
-            else:
-                server.serve_forever()
+            daemon.serve_forever()
         except Exception:
             log.critical("the event loop keeps failing; stopping every VF", exc_info=True)
             return 1
         return 0
     finally:
-        # What the simulated VFs did (frames, drops, dirty-log marks), for whoever reads the log.
-        for model in models:
-            _cleanup(f"{model.name}: stats", _log_model_stats, model)
-        for link in links:
-            _cleanup(f"{link.name}: counters", lambda wire=link: log.info("%s: %s", wire.name, wire.counters()))
-        # Each step on its own: one that fails must not leave the VFs after it running.
-        _cleanup("closing the vhost-user server", server.close)
-        for driver in drivers:
-            _cleanup(f"closing {driver.name}", driver.close)
-        for link in links:
-            _cleanup(f"closing {link.name}", link.close)
+        if metrics is not None:
+            _cleanup("stopping the metrics endpoint", metrics.close)
+        if control is not None:
+            _cleanup("closing the control socket", control.close)
+        daemon.close()
 
 
-def _log_model_stats(model) -> None:
-    stats = model.datapath.stats()
-    stats["queues"] = {q: c for q, c in stats["queues"].items() if c["rounds"] or c["dropped"]}
-    log.info("%s: stats %s%s", model.name, stats, f", errors {model.errors}" if model.errors else "")
+def _metrics_address(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise SystemExit(f"ifcvf serve: --metrics wants HOST:PORT (e.g. 127.0.0.1:9469), not {spec!r}")
+    return host, int(port)
 
 
 def _cleanup(what: str, fn, *args) -> None:
@@ -218,4 +225,3 @@ def _cleanup(what: str, fn, *args) -> None:
         fn(*args)
     except Exception:
         log.error("%s failed", what, exc_info=True)
-
