@@ -9,8 +9,8 @@ from hal.memory import HostMemory
 from ifcvf.stats import VfStats
 from ifcvf.tools.modelstats import device_counters
 from ifcvf.tools.runs.stack import SimHost, Vm, cable
+from ifcvf.vhost.protocol import log_size
 from sim.config import IfcvfConfig
-from sim.migration import log_bytes_for
 from sim.traffic import Generator, Sink, steer_by_flow
 
 US = 1_000
@@ -77,7 +77,7 @@ def test_counters_grow_across_a_migration_and_phases_follow_it(stack):
     stack.gen.start()
     stack.run(200)
     before = stack.stats()
-    stack.fe.set_log_base(stack.log.fd, log_bytes_for(stack.vm.ram.size))
+    stack.fe.set_log_base(stack.log.fd, log_size(stack.vm.ram.size))
     stack.fe.set_log_all(True, stack.vm.rings)
     stack.run(400)
     during = stack.stats()
@@ -120,7 +120,7 @@ def test_cancelled_migration_and_a_pause_for_want_of_a_log(stack):
     assert paused.state == "paused" and paused.migration.phase == "paused"
     assert paused.migration.pauses == 1
     stack.run(250)
-    stack.fe.set_log_base(stack.log.fd, log_bytes_for(stack.vm.ram.size))
+    stack.fe.set_log_base(stack.log.fd, log_size(stack.vm.ram.size))
     resumed = stack.stats().migration
     assert resumed.phase == "logging"
     assert 250e-6 <= resumed.last_downtime_s < 2e-3   # the rings stood still while paused
@@ -185,7 +185,7 @@ def test_metrics_show_traffic_migration_phase_and_downtime(stack):
     stack.fe.set_log_all(True, stack.vm.rings)
     assert sample(scrape(stack), "ifcvf_migration_phase", vf=vf, phase="paused") == 1
     stack.run(300)
-    stack.fe.set_log_base(stack.log.fd, log_bytes_for(stack.vm.ram.size))
+    stack.fe.set_log_base(stack.log.fd, log_size(stack.vm.ram.size))
     stack.run(100)
     body = scrape(stack)
     assert sample(body, "ifcvf_migration_phase", vf=vf, phase="logging") == 1
