@@ -171,12 +171,21 @@ class Scenario:
 
 def load(path: str | Path, *, extra_schema: dict[str, list[Key]] | None = None) -> Scenario:
     path = Path(path)
+    return from_dict(path, read_toml(path, "scenario"), extra_schema=extra_schema)
+
+
+def read_toml(path: Path, what: str = "scenario") -> dict:
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such scenario file") from None
+        raise ScenarioError(f"{path}: no such {what} file") from None
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(f"{path}: not valid TOML: {err}") from None
+
+
+def from_dict(path: Path, raw: dict, *, extra_schema: dict[str, list[Key]] | None = None) -> Scenario:
+    """A scenario from its TOML tables (``path`` names it in errors and reports)."""
+    path = Path(path)
     schema = dict(SCHEMA)
     schema.update(extra_schema or {})
     top_keys = schema[""]
