@@ -88,9 +88,9 @@ class Switch:
 
     # --- set-up -----------------------------------------------------------------------
     def attach(self, endpoint: Port, propagation_ns: float = 0.0, name: str | None = None) -> int:
-        """Cable ``endpoint`` to a new switch port; returns the port's number."""
+        """Cable ``endpoint`` to a new switch port (at the endpoint's rate); returns its number."""
         index = len(self.ports)
-        port = Port(self.world, f"{self.name}.{index}", self.rate_gbps)
+        port = Port(self.world, f"{self.name}.{index}", endpoint.rate_gbps or self.rate_gbps)
         connect(port, endpoint, propagation_ns)
         port.propagation += self.latency          # the pipeline, before the cable
         port.on_receive(lambda batch, i=index: self._ingress(i, batch))

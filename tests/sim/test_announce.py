@@ -176,3 +176,14 @@ def test_network_keys_are_validated():
     with pytest.raises(ScenarioError, match=r"\[network\] announce_max_ms = 10.0"):
         load_text(f.name)
     pathlib.Path(f.name).unlink()
+
+
+def test_back_and_forth_reports_a_blackout_per_leg_each_counted_for_its_own_leg():
+    result = migration.run(load(ROOT / "scenarios" / "back-and-forth.toml"))
+    assert result["ok"], result["problems"]
+    first, second = result["network"]["blackout"]
+    assert (first["leg"], second["leg"]) == ("vf0->vf1", "vf1->vf0")
+    for b in (first, second):
+        # 30 Gb/s of 1518 B frames is 2.4 frames/us: what reached the old port is what
+        # came before the MAC moved, not the traffic after the guest came back
+        assert b["mac_moved_us"] is not None and b["frames_to_old_port"] < 3 * (b["mac_moved_us"] + 15)

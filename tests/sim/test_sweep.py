@@ -125,3 +125,11 @@ def test_cli_sweep_writes_json_csv_and_a_plot(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ifcvf", "sim", "sweep", str(bad)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown key 'nope'" in proc.stderr
+
+
+def test_values_valid_alone_but_not_together_name_the_point(tmp_path):
+    path = write(tmp_path, f'base = "{BASE}"\n[grid]\n"traffic.tx_gbps" = [0.0, 1.0]\n'
+                           '"traffic.tx_pps" = [0.0, 1000.0]\n')
+    with pytest.raises(ScenarioError, match=r"\[grid\] point \{'traffic.tx_gbps': 1.0, "
+                                            r"'traffic.tx_pps': 1000.0\}: .*give one of them"):
+        sw.load_sweep(path)

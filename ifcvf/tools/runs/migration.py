@@ -417,9 +417,19 @@ class MigrationRun:
                  first_delivery=None, delivered_before=self.vm.guest.rx_counts().frames,
                  moved=None)
 
+        b["to_old"] = 0
+
         def listener(mac, port, sent, prop):
-            if port == new and b["first_at_port"] is None:
+            if mac != self.guest_mac:
+                return
+            if port == old:
+                b["to_old"] += len(sent.lengths)
+            elif port == new and b["first_at_port"] is None:
                 b["first_at_port"] = sent.times[0] + prop
+        # the previous leg's count ends here (the guest may come back to its port)
+        for prev in self.legs:
+            if "_listener" in prev.blackout:
+                self.switch.listeners.remove(prev.blackout.pop("_listener"))
         self.switch.listeners.append(listener)
         b["_listener"] = listener
         moves_before = len(self.switch.moves)
@@ -449,7 +459,6 @@ class MigrationRun:
         if "_listener" in b:
             self.switch.listeners.remove(b.pop("_listener"))
         t0 = b["t0"]
-        old = self.to_guest[b["old_port"]]
         moved = [m for m in self.switch.moves[b.get("_moves_before", 0):]
                  if m.mac == self.guest_mac and m.to_port == b["new_port"]]
         move = moved[0] if moved else None
@@ -458,7 +467,7 @@ class MigrationRun:
             return None if cycle is None else round(world.ns(cycle - t0) / 1000, 3)
         return {
             "leg": f"{leg.src}->{leg.dst}",
-            "frames_to_old_port": old.frames - old.marks.get(b["tag"], 0),
+            "frames_to_old_port": b["to_old"],
             "first_frame_at_destination_us": us(b["first_at_port"]),
             "first_delivery_to_guest_us": us(b["first_delivery"]),
             "mac_moved_us": us(move.cycle) if move else None,

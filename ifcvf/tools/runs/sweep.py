@@ -127,18 +127,22 @@ def load_sweep(path: str | Path) -> Sweep:
     sweep = Sweep(path, raw.get("name", path.stem), raw.get("description", ""), base, base_raw,
                   list(seeds), dict(grid))
     keys = list(grid)
+    for key, values in grid.items():      # each value alone first: the error names it exactly
+        for value in values:
+            try:
+                from_dict(base, point_raw(sweep, {key: value}))
+            except ScenarioError as err:
+                detail = str(err).split(": ", 1)[-1]
+                raise ScenarioError(f"{_where(path, key)} = {value!r}: {detail}") from None
     index = 0
     for combo in itertools.product(*(grid[k] for k in keys)):
         params = dict(zip(keys, combo))
         scenario_raw = point_raw(sweep, params)
         try:
             from_dict(base, scenario_raw)
-        except ScenarioError as err:
-            # name the sweep file and the grid entry, then what the scenario check said
+        except ScenarioError as err:      # values valid alone, not together
             detail = str(err).split(": ", 1)[-1]
-            bad = next((k for k in keys if k.rpartition(".")[2] in detail), None)
-            what = f"[grid] {bad!r} = {params[bad]!r}" if bad else f"point {params}"
-            raise ScenarioError(f"{path}: {what}: {detail}") from None
+            raise ScenarioError(f"{path}: [grid] point {params}: {detail}") from None
         for seed in sweep.seeds:
             sweep.points.append(Point(index, params, seed))
             index += 1
