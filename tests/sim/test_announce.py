@@ -187,3 +187,72 @@ def test_back_and_forth_reports_a_blackout_per_leg_each_counted_for_its_own_leg(
         # 30 Gb/s of 1518 B frames is 2.4 frames/us: what reached the old port is what
         # came before the MAC moved, not the traffic after the guest came back
         assert b["mac_moved_us"] is not None and b["frames_to_old_port"] < 3 * (b["mac_moved_us"] + 15)
+
+
+# --- the guest model's side, over a ring device (no VF, no QEMU) ----------------------------
+def _guest(features, interrupts="msix"):
+    import os
+
+    from hal.memory import HostMemory
+    from sim.guest import GuestNet
+    from sim.testing.guest_testdev import RingDevice
+
+    world = World(5)
+    mem = HostMemory(8 << 20, "guest-ram")
+    guest = GuestNet(world, mem, features=features, queue_size=64, interrupts=interrupts)
+    dev = RingDevice(world, mem, [guest.queue_addresses(q) for q in range(2)], 64, features)
+    fds = []
+    for q in range(2):
+        kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+        fds += [kick, call]
+        guest.attach(q, kick, call)
+        dev.attach(q, kick, call)
+
+    def close():
+        for fd in fds:
+            os.close(fd)
+        mem.close()
+    return world, guest, dev, close
+
+
+@pytest.mark.parametrize("interrupts", ["msix", "intx"])
+def test_guest_announces_and_acks_on_a_config_interrupt_taken_after_a_pause(interrupts):
+    features = vr.feature_mask(vr.F_VERSION_1, vr.F_EVENT_IDX) | ANNOUNCE
+    world, guest, dev, close = _guest(features, interrupts)
+    try:
+        acks = []
+        status = {"v": vr.NET_S_LINK_UP | vr.NET_S_ANNOUNCE}
+
+        def ack():
+            acks.append(world.now)
+            status["v"] &= ~vr.NET_S_ANNOUNCE
+            return True
+        guest.attach_control(lambda: status["v"], ack)
+        guest.start()
+        world.advance_ns(100_000)
+        guest.pause()
+        guest.config_interrupt()
+        world.advance_ns(100_000)
+        assert not acks and not dev.tx_frames          # a paused vCPU takes nothing
+        guest.resume()
+        world.advance_ns(100_000)
+        assert len(acks) == 1 and guest.announce_acks == 1
+        garp, = dev.tx_frames
+        assert garp == gratuitous_arp(guest.mac)
+        if interrupts == "intx":
+            assert guest.irq_none >= 1                 # config-only: IRQ_NONE, as Linux counts it
+    finally:
+        close()
+
+
+def test_no_status_feature_no_announce():
+    features = vr.feature_mask(vr.F_VERSION_1) | ANNOUNCE & ~(1 << vr.F_NET_STATUS)
+    world, guest, dev, close = _guest(features)
+    try:
+        guest.attach_control(lambda: vr.NET_S_ANNOUNCE, lambda: True)
+        guest.start()
+        guest.config_interrupt()
+        world.advance_ns(100_000)
+        assert not dev.tx_frames and guest.announce_acks == 0
+    finally:
+        close()
