@@ -97,11 +97,25 @@ DEFAULT_BASE = 0x10_0000
 DATAPATH_FEATURES = vr.feature_mask(vr.F_VERSION_1, vr.F_NET_MRG_RXBUF, vr.F_EVENT_IDX,
                                     vr.F_INDIRECT_DESC)
 # What this driver accepts when a device offers it (negotiate()).  The rest of
-# the net bits it takes are harmless here: the model has no control queue
-# traffic, and MQ pairs are set by whoever starts the device.
+# the net bits it takes are harmless here: MQ pairs are set by whoever starts
+# the device, and the one control command the model sends (ANNOUNCE_ACK) goes
+# to the QEMU role, which owns the control queue (see config_interrupt).
 SUPPORTED_FEATURES = DATAPATH_FEATURES | vr.feature_mask(
     vr.F_NET_MAC, vr.F_NET_MTU, vr.F_NET_STATUS, vr.F_NET_MQ, vr.F_NET_CTRL_VQ,
-    vr.F_ACCESS_PLATFORM, vr.F_ORDER_PLATFORM)
+    vr.F_NET_GUEST_ANNOUNCE, vr.F_ACCESS_PLATFORM, vr.F_ORDER_PLATFORM)
+
+ETH_P_ARP = 0x0806
+GUEST_IP = bytes([10, 0, 0, 2])    # the address the model's gratuitous ARPs announce
+
+
+def gratuitous_arp(mac: bytes, ip: bytes = GUEST_IP) -> bytes:
+    """What ``netdev_notify_peers`` makes IPv4 send (arp_send(ARPOP_REQUEST, ...,
+    ip, dev, ip, NULL, dev_addr, NULL)): a broadcast ARP request for the
+    interface's own address, padded to the 60-byte Ethernet minimum."""
+    arp = ((1).to_bytes(2, "big") + (0x0800).to_bytes(2, "big") + bytes([6, 4])
+           + (1).to_bytes(2, "big") + mac + ip + bytes(6) + ip)
+    frame = b"\xff" * 6 + mac + ETH_P_ARP.to_bytes(2, "big") + arp
+    return frame + bytes(60 - len(frame))
 
 TX_CHAINS = ("single", "split", "indirect")
 INTERRUPTS = ("msix", "intx")
@@ -110,8 +124,14 @@ RX_SCRATCH = 65536 + 64       # the largest frame merged over RX buffers
 
 
 def negotiate(offered: int, wanted: int = SUPPORTED_FEATURES) -> int:
-    """The features this driver accepts from an offer."""
-    return offered & wanted & SUPPORTED_FEATURES
+    """The features this driver accepts from an offer.
+
+    GUEST_ANNOUNCE only with CTRL_VQ (virtnet_validate_features 3639-3661
+    refuses one without the other; the model drops it instead)."""
+    features = offered & wanted & SUPPORTED_FEATURES
+    if not features >> vr.F_NET_CTRL_VQ & 1:
+        features &= ~(1 << vr.F_NET_GUEST_ANNOUNCE)
+    return features
 
 
 def net_header_len(features: int) -> int:
@@ -320,6 +340,7 @@ class _Pair:
         self.refill_at: int | None = None   # refill_work queued (delayed work)
         self.rx_disabled = False     # napi_disable'd while refill_work runs
         self.arrivals: Arrivals | None = None   # TX arrivals mode
+        self.tx_raw: list[bytes] = []            # frames the stack sends (announcements)
         self.refill_works = 0
         self.alloc_failures = 0
         self.debt_ns = 0.0           # CPU time owed for work done after a busy period
@@ -388,7 +409,8 @@ class GuestNet:
                  name: str = "guest", trace_polls: bool = False, fresh: bool = True,
                  ring_base: int = 0, interrupts: str = "msix", rx_alloc_fail: float = 0.0,
                  tx_pps: float = 0.0, tx_pattern: str = "constant", tx_burst: int = 1,
-                 tx_on_us: float = 0.0, tx_off_us: float = 0.0):
+                 tx_on_us: float = 0.0, tx_off_us: float = 0.0,
+                 link_up_announce: bool = False):
         if queue_pairs < 1:
             raise ValueError("a guest needs at least one queue pair")
         if napi_budget < 1 or tx_batch < 1:
@@ -498,6 +520,15 @@ class GuestNet:
         self.started = False
         self.started_at = 0
         self.errors: list[str] = []
+        # The announce path (config_interrupt): QEMU's side is given by attach_control
+        self.link_up_announce = link_up_announce
+        self.announces = 0           # gratuitous ARPs queued (link-up and S_ANNOUNCE)
+        self.announce_times: list[int] = []
+        self.announce_acks = 0
+        self.config_interrupts = 0
+        self.config_pending = False  # a config interrupt raised while paused
+        self._read_status: Callable[[], int] | None = None
+        self._ack_announce: Callable[[], bool] | None = None
         world.record(name, "guest_init", pairs=queue_pairs, size=queue_size, hdr_len=self.hdr_len,
                      mrg=self.mrg_rxbuf, event_idx=self.event_idx, tx_chain=tx_chain,
                      fresh=fresh, interrupts=interrupts)
@@ -608,6 +639,8 @@ class GuestNet:
             if self._napi_schedule_prep(pair, tx=True):
                 lib.ifc_gvq_disable_cb(pair.tx.c)
             self._core_start(pair)
+        if self.link_up_announce:
+            self.announce()
         self.world.record(self.name, "guest_start")
 
     def pause(self) -> None:
@@ -637,6 +670,9 @@ class GuestNet:
                 self._line_pending = False
                 self._raise_intx()
         else:
+            if self.config_pending:
+                self.config_pending = False
+                self._vp_config_changed()
             for q in self.queues:
                 if q.irq_pending:
                     q.irq_pending = False
@@ -706,11 +742,73 @@ class GuestNet:
             self.irq_none += 1
             return
         self.intx_interrupts += 1
+        if isr & 2:
+            self._vp_config_changed()   # and still IRQ_NONE unless a queue has work
         handled = False
         for q in self.queues:
             handled |= self._vring_interrupt(q)
         if not handled:
             self.irq_none += 1
+
+    # --- config changes and announce (A.6) ----------------------------------------------
+    # With vhost-user, QEMU owns both the config space (status) and the control
+    # queue (B.4: never handed to the back-end): attach_control gives the model
+    # QEMU's side of them, ``read_status()`` (the config status field) and
+    # ``ack_announce()`` (virtio_net_handle_announce: True = VIRTIO_NET_OK).
+    def attach_control(self, read_status: Callable[[], int],
+                       ack_announce: Callable[[], bool]) -> None:
+        self._read_status = read_status
+        self._ack_announce = ack_announce
+
+    def config_interrupt(self) -> None:
+        """QEMU's virtio_notify_config: the config vector (MSI-X), or ISR bit 1
+        and the line (INTx).  Taken at resume when the guest is paused."""
+        self.config_interrupts += 1
+        if self.interrupts == "intx":
+            self.isr |= 2
+            if not self._line_pending and not self.paused:
+                self._line_pending = True
+                self.world.call_at(self.world.now, lambda _ev: self._vp_interrupt())
+            return
+        if self.paused:
+            self.config_pending = True
+            return
+        self._vp_config_changed()
+
+    def _vp_config_changed(self) -> None:
+        """virtnet_config_changed (3315-3320) only schedules the config work,
+        which runs on a kworker (its wake-up: an interrupt's entry cost)."""
+        delay = max(1, self.world.cycles(self.costs.irq_ns))
+        self.world.call_at(self.world.now + delay, lambda _ev: self._config_work())
+
+    def _config_work(self) -> None:
+        """virtnet_config_changed_work (3282-3313): nothing without STATUS; with
+        VIRTIO_NET_S_ANNOUNCE, netdev_notify_peers (a gratuitous ARP) then
+        virtnet_ack_link_announce (class 3, command 0 on the control queue,
+        which QEMU handles: the model calls its handler directly)."""
+        if self.paused:
+            self._resume_ev.callbacks.append(lambda _ev: self._config_work())
+            return
+        if not self.features >> vr.F_NET_STATUS & 1 or self._read_status is None:
+            return
+        status = self._read_status()
+        self.world.record(self.name, "config_changed", status=status)
+        if status & vr.NET_S_ANNOUNCE:
+            self.announce()
+            if self.features >> vr.F_NET_GUEST_ANNOUNCE & 1 and self._ack_announce is not None:
+                ok = self._ack_announce()
+                self.announce_acks += 1
+                self.world.record(self.name, "announce_ack", ok=int(ok))
+
+    def announce(self) -> None:
+        """netdev_notify_peers: a gratuitous ARP from the guest's MAC, through
+        the TX queue of pair 0 (dev_queue_xmit)."""
+        pair = self.pairs[0]
+        pair.tx_raw.append(gratuitous_arp(self.mac))
+        self.announces += 1
+        self.announce_times.append(self.world.now)
+        self.world.record(self.name, "announce", mac=self.mac.hex())
+        pair.wake()
 
     def _vring_interrupt(self, q: _Queue) -> bool:
         """vring_interrupt (virtio_ring.c 2445-2473): IRQ_NONE unless the queue has
@@ -820,6 +918,10 @@ class GuestNet:
                 ns += costs.tx_batch_ns
             elif pair.tx_sched:
                 pair.tx_sched = pair.tx_missed = False
+            if pair.tx_raw and not pair.tx_stopped and not pair.tx.broken:
+                raw_n = self._tx_raw_work(pair)
+                tx_n = raw_n
+                ns += costs.tx_batch_ns + raw_n * costs.tx_frame_ns
             if pair.tx_active and not pair.tx_stopped and not pair.tx.broken:
                 if self.tx_arrivals is not None:
                     pair.tx_backlog += pair.arrivals.take(now)
@@ -827,8 +929,9 @@ class GuestNet:
                 else:
                     due = now >= pair.tx_next
                 if due:
-                    tx_n = self._tx_work(pair)
-                    ns += costs.tx_batch_ns + max(tx_n, 0) * costs.tx_frame_ns
+                    sent = self._tx_work(pair)
+                    tx_n = max(tx_n, 0) + sent
+                    ns += costs.tx_batch_ns + max(sent, 0) * costs.tx_frame_ns
             if refill or rx_n >= 0 or txp_n >= 0 or tx_n >= 0:
                 ns += pair.debt_ns
                 pair.debt_ns = 0.0
@@ -1068,13 +1171,38 @@ class GuestNet:
         q.polls += 1
         return n
 
+    def _tx_raw_work(self, pair: _Pair) -> int:
+        """start_xmit of frames the stack built (announcements): reap, post, the
+        last packet's enable_cb_delayed; a frame without a free slot waits."""
+        q = pair.tx
+        c = q.c
+        lib.ifc_gvq_disable_cb(c)
+        if not self._reclaim(q):
+            return 0
+        n = 0
+        while pair.tx_raw and lib.ifc_gvq_num_free(c) > 0:
+            frame = pair.tx_raw[0]
+            got = lib.ifc_gvq_tx_post_frame(c, frame, len(frame))
+            if got < 0:
+                self._broken(q)
+                return n
+            if got == 0:
+                break
+            pair.tx_raw.pop(0)
+            n += 1
+        while not lib.ifc_gvq_enable_cb_delayed(c):
+            lib.ifc_gvq_disable_cb(c)
+            if not self._reclaim(q):
+                return n
+        return n
+
     def _tx_finish(self, pair: _Pair) -> None:
         q = pair.tx
         if q.broken:
             return
         if q.publish():                   # kick if kick || netif_xmit_stopped
             pair.debt_ns += self.costs.kick_ns
-        if self.tx_arrivals is not None:
+        if self.tx_arrivals is not None or not self._tx_bpc:
             return
         deficit = self.tx_batch * self._tx_mean_wire - pair.credit
         wait = int(deficit / self._tx_bpc + 0.999999) if deficit > 0 else 0

@@ -71,6 +71,18 @@ SCHEMA: dict[str, list[Key]] = {
         _key("napi_budget", int, 64, "guest NAPI budget (packets per poll)", check=_range(1, 1024)),
         _key("rx_alloc_fail", float, 0.0, "chance that a guest RX refill (GFP_ATOMIC) runs out of "
              "memory, so refill_work refills later", check=_range(0.0, 1.0)),
+        _key("guest_announce", bool, True, "the guest accepts VIRTIO_NET_F_GUEST_ANNOUNCE (with "
+             "CTRL_VQ): after a migration it announces itself when QEMU asks"),
+    ],
+    "network": [
+        _key("switch_latency_ns", float, 500.0, "the L2 switch between the tester and the VFs: "
+             "pipeline latency (store and forward)", check=_range(0.0, 1e6)),
+        _key("aging_s", float, 300.0, "the switch's MAC ageing time, s (802.1D default)",
+             check=_range(1e-6, 1e6)),
+        _key("announce_initial_ms", float, 50.0, "QEMU announce-initial", check=_range(0.0, 100000.0)),
+        _key("announce_max_ms", float, 550.0, "QEMU announce-max", check=_range(0.0, 100000.0)),
+        _key("announce_rounds", int, 5, "QEMU announce-rounds", check=_range(0, 1000)),
+        _key("announce_step_ms", float, 100.0, "QEMU announce-step", check=_range(1.0, 10000.0)),
     ],
     "traffic": [
         _key("rx_gbps", float, 0.0, "load offered from the wire to the guest, Gb/s", check=_range(0.0, 400.0)),
@@ -159,12 +171,21 @@ class Scenario:
 
 def load(path: str | Path, *, extra_schema: dict[str, list[Key]] | None = None) -> Scenario:
     path = Path(path)
+    return from_dict(path, read_toml(path, "scenario"), extra_schema=extra_schema)
+
+
+def read_toml(path: Path, what: str = "scenario") -> dict:
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such scenario file") from None
+        raise ScenarioError(f"{path}: no such {what} file") from None
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(f"{path}: not valid TOML: {err}") from None
+
+
+def from_dict(path: Path, raw: dict, *, extra_schema: dict[str, list[Key]] | None = None) -> Scenario:
+    """A scenario from its TOML tables (``path`` names it in errors and reports)."""
+    path = Path(path)
     schema = dict(SCHEMA)
     schema.update(extra_schema or {})
     top_keys = schema[""]
@@ -203,6 +224,10 @@ def _check_device(path: Path, device: dict) -> None:
 
 def _check_together(path: Path, sections: dict) -> None:
     """Keys that are valid alone but not together."""
+    n = sections.get("network")
+    if n and n["announce_max_ms"] < n["announce_initial_ms"]:
+        raise ScenarioError(f"{path}: [network] announce_max_ms = {n['announce_max_ms']!r}: allowed "
+                            f"is at least announce_initial_ms ({n['announce_initial_ms']!r})")
     t = sections.get("traffic")
     if not t:
         return

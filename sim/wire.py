@@ -98,14 +98,14 @@ class Port:
         return self.rate_gbps * 1e9 / 8 / (max(frame_size - 4, MIN_FRAME) + WIRE_OVERHEAD)
 
     # --- sending --------------------------------------------------------------
-    def transmit(self, batch: FrameBatch, earliest_cycle: int, ready=None) -> int:
+    def transmit(self, batch: FrameBatch, earliest_cycle: int, ready=None, _past: bool = False) -> int:
         """Send ``batch``; fills ``batch.times`` with departures; returns the last one."""
         lengths = batch.lengths
         n = len(lengths)
         world = self.world
         now = world.env._now
         earliest = int(earliest_cycle)
-        if earliest < now:
+        if earliest < now and not _past:
             earliest = now
         if n == 0:
             return max(earliest, self.free_cycle)
@@ -144,6 +144,20 @@ class Port:
         else:
             self.lost += n
         return last
+
+    def forward(self, batch: FrameBatch) -> FrameBatch:
+        """Send frames that arrived elsewhere at ``batch.times`` (a switch's egress).
+
+        Each frame leaves once it is fully in (its time) and the port is free:
+        store and forward, so frame i's departure may lie before ``now`` while
+        the last one cannot (it arrived now at the latest).  ``batch`` keeps
+        its own times; returns what was sent, ``times`` holding departures (the
+        peer gets a copy with the arrival cycles)."""
+        n = len(batch.lengths)
+        sent = FrameBatch(batch.data, batch.lengths, _ZERO * n)
+        if n:
+            self.transmit(sent, 0, ready=batch.times, _past=True)
+        return sent
 
     def _arrive(self, batch: FrameBatch) -> None:
         handler = self._handler

@@ -581,3 +581,55 @@ int64_t ifc_gvq_rx_poll(ifc_gvq *q, uint32_t budget, ifc_checker *ck, ifc_check_
     }
     return n;
 }
+
+int64_t ifc_gvq_tx_post_frame(ifc_gvq *q, const uint8_t *frame, uint32_t len)
+{
+    if (q == NULL || frame == NULL || len == 0)
+        return IFC_GERR_ARG;
+    if (q->error)
+        return IFC_GERR_RING;
+    struct priv *pv = PRIV(q);
+    uint8_t *state = STATE(q, pv);
+    struct desc *desc = DESC(q);
+    uint16_t *ring = AVAIL_RING(q);
+    uint32_t mask = q->size - 1, smask = q->nslots - 1, hdr = q->hdr_len, bs = q->buf_size;
+    int split = (q->flags & IFC_GVQ_F_TX_SPLIT) != 0;
+    int indirect = (q->flags & IFC_GVQ_F_TX_INDIRECT) != 0;
+    if ((!split && !indirect && len > bs - hdr) || len > bs)
+        return IFC_GERR_ARG;
+    if (num_free(pv) == 0)
+        return 0;
+    uint16_t slot = pv->free[pv->free_head & smask];
+    if (slot >= q->nslots || state[slot])
+        return fail(q, IFC_GVQ_E_PRIV, slot);
+    uint64_t buf = q->bufs + (uint64_t)slot * bs;
+    uint32_t head;
+    if (!split && !indirect) {
+        memset(q->mem + buf, 0, hdr);
+        memcpy(q->mem + buf + hdr, frame, len);
+        desc[slot] = (struct desc){buf, hdr + len, 0, 0};
+        head = slot;
+    } else {
+        uint64_t h = q->hdrs + 16ull * slot;
+        memset(q->mem + h, 0, hdr);
+        memcpy(q->mem + buf, frame, len);
+        if (split) {
+            head = 2u * slot;
+            desc[head] = (struct desc){h, hdr, VRING_DESC_F_NEXT, (uint16_t)(head + 1)};
+            desc[head + 1] = (struct desc){buf, len, 0, 0};
+        } else {
+            uint64_t t = q->tables + 32ull * slot;
+            struct desc *table = (struct desc *)(void *)(q->mem + t);
+            table[0] = (struct desc){h, hdr, VRING_DESC_F_NEXT, 1};
+            table[1] = (struct desc){buf, len, 0, 0};
+            head = slot;
+            desc[slot] = (struct desc){t, 32, VRING_DESC_F_INDIRECT, 0};
+        }
+    }
+    pv->free_head++;
+    state[slot] = 1;
+    ring[pv->avail_idx & mask] = (uint16_t)head;
+    pv->avail_idx++;
+    q->made_available += 1;
+    return 1;
+}

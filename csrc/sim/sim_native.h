@@ -516,4 +516,14 @@ uint32_t ifc_dp_rx_round(struct ifc_dp_vq *q, struct ifc_link *l, int64_t now,
                          uint32_t *lens, uint32_t ids_cap, struct ifc_dp_log *log,
                          uint32_t in_flight, struct ifc_dp_round *r, struct ifc_dp_times *t);
 
+/* sim/switch.py: frames [ends[k-1], ends[k]) share their first 12 bytes
+ * (destination and source MAC); a frame shorter than that is a run alone.
+ * Returns the runs written (at most cap); stops at a frame beyond size. */
+uint32_t ifc_frames_mac_runs(const uint8_t *data, uint64_t size, const uint32_t *lengths,
+                             uint32_t n, uint32_t *ends, uint32_t cap);
+/* The guest driver sends one frame it built itself (a gratuitous ARP): like
+ * ifc_gvq_tx_post with one frame of len bytes.  1 posted, 0 no free slot,
+ * or an error. */
+int64_t ifc_gvq_tx_post_frame(ifc_gvq *q, const uint8_t *frame, uint32_t len);
+
 #endif

@@ -7,7 +7,8 @@ package (pyproject.toml); `make run` and `make test` install all of them:
 - ``plot``         matplotlib: `ifcvf sim run --plot`;
 - ``conformance``  pytest: `ifcvf conformance`;
 - ``metrics``      prometheus_client: `ifcvf serve --metrics`;
-- ``test``         pytest and hypothesis: the repository's own tests.
+- ``test``         pytest and hypothesis: the repository's own tests;
+- ``dask``         distributed: `ifcvf sim sweep --scheduler ADDRESS`.
 
 A command checks for its extra before it does anything (``require``); the
 CLI turns a ``MissingExtra`` (or an import of a missing extra's module that
@@ -25,6 +26,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "conformance": ("pytest",),
     "metrics": ("prometheus_client",),
     "test": ("pytest", "hypothesis"),
+    "dask": ("distributed",),
 }
 
 

@@ -38,7 +38,11 @@ log = logging.getLogger("ifcvf.vhost")
 R = p.Request
 PF = p.ProtocolFeature
 MAX_RING_SIZE = 32768
-#: What this back-end offers: the vDPA set DPDK's IFCVF driver offers.
+#: What this back-end offers: the vDPA set DPDK's IFCVF driver offers.  Not
+#: PROTOCOL_F_RARP: the VF cannot send the RARP QEMU's SEND_RARP asks for; the
+#: guest announces itself (GUEST_ANNOUNCE, always offered with CTRL_VQ), and a
+#: guest that does not is found again when it transmits (README, "The network
+#: around the VF"; tests/sim/test_announce.py).
 OFFERED_PROTOCOL = p.protocol_mask(PF.MQ, PF.LOG_SHMFD, PF.REPLY_ACK, PF.BACKEND_REQ,
                                    PF.BACKEND_SEND_FD, PF.HOST_NOTIFIER, PF.STATUS)
 

@@ -35,8 +35,9 @@ def test_scenario_invariants_hold(path):
     assert result["invariants"]["frames_duplicated"] == 0
     assert result["invariants"]["exclusive"]
     assert result["invariants"]["live"], result["invariants"]["rx_stalls"]
-    assert result["traffic"]["rx_frames"] == result["traffic"]["rx_offered"] - sum(
-        result["traffic"]["rx_dropped_by_vf"].values())
+    # drops of copies that reached a VF the guest was not on explain no missing frame
+    assert result["traffic"]["rx_frames"] == result["traffic"]["rx_offered"] - (sum(
+        result["traffic"]["rx_dropped_by_vf"].values()) - result["network"]["copies_dropped_elsewhere"])
     if scenario.kind == "migration":
         for key in REQUIRED:
             get(result, key)
@@ -103,7 +104,9 @@ def test_a_pinged_guest_receives_throughout_the_precopy(name):
     assert result["ok"], result["problems"]
     t = result["traffic"]
     assert t["rx_replies"] == t["rx_offered"] == t["rx_frames"] > 200
-    assert not t["rx_dropped_by_vf"]
+    # the only VF drops are copies of the guest's own broadcasts (its gratuitous
+    # ARPs) that the switch flooded to the VF it is not on
+    assert sum(t["rx_dropped_by_vf"].values()) == result["network"]["copies_dropped_elsewhere"]
     assert result["migration"]["total_time_us"] > 300_000
     for part in ("before", "during", "after"):
         assert t[part]["rx_pps"] > 100, (part, t[part])

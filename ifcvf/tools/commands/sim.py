@@ -22,6 +22,26 @@ Scenario keys:
 """
 
 
+SWEEP_HELP = """\
+Run many points of a scenario: every combination of a grid of scenario keys,
+each with every seed.  The sweep file:
+
+  base = "blackout-announce.toml"        # relative to the sweep file
+  seeds = [1, 2, 3]
+  [grid]
+  "traffic.rx_pps" = [20000.0, 100000.0]
+  "driver.guest_announce" = [true, false]
+
+Keys and values are checked as in a scenario file before anything runs.
+Points run on a local process pool (--workers), or on a Dask distributed
+cluster (--scheduler ADDRESS of a running dask scheduler).  A point that fails
+is reported with its error and the others go on; the exit status is 1 if any
+point failed or broke an invariant.  A point's trace digest is the same
+wherever it ran.  --json writes {"points": [{"params", "seed", "ok",
+"trace_digest", ...headline metrics}]}.
+"""
+
+
 def register(subparsers) -> None:
     from sim.scenario import describe_schema
 
@@ -38,6 +58,22 @@ def register(subparsers) -> None:
                      help="migration scenarios: write a PNG timeline (dirty pages per iteration, "
                           "throughput over time, the switch-over marked)")
     run.set_defaults(func=cmd_run)
+    sweep = sub.add_parser("sweep", help="run many points of a scenario: seeds times a grid of keys",
+                           description=SWEEP_HELP,
+                           formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    sweep.add_argument("sweep", type=Path, help="the sweep TOML file")
+    sweep.add_argument("--workers", type=int, metavar="N",
+                       help="local worker processes (default: one per core, at most one per point; "
+                            "0: run in this process)")
+    sweep.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run on a Dask distributed cluster, e.g. tcp://10.0.0.5:8786 "
+                            "(needs the `dask` extra)")
+    sweep.add_argument("--json", type=Path, metavar="FILE", help="write every point as JSON")
+    sweep.add_argument("--csv", type=Path, metavar="FILE", help="write every point as CSV")
+    sweep.add_argument("--plot", type=Path, metavar="FILE.png", help="plot --y against --x")
+    sweep.add_argument("--x", metavar="PARAM", help="the grid key on the plot's x axis")
+    sweep.add_argument("--y", metavar="METRIC", help="the metric on the plot's y axis")
+    sweep.set_defaults(func=cmd_sweep)
     sim.set_defaults(func=lambda args: sim.print_help() or 2)
 
 
@@ -75,3 +111,92 @@ def cmd_run(args) -> int:
         console.print(f"results written to {args.json}")
     return 0 if result.get("ok", True) else 1
 
+
+
+# metric -> column title in the printed table (the files have every metric)
+SWEEP_TABLE = {"seed": "seed", "ok": "ok", "downtime_us": "downtime us", "rx_frames": "rx frames",
+               "frames_to_old_port": "to old port", "mac_moved_us": "MAC moved us",
+               "first_frame_at_destination_us": "1st frame at dst us", "wall_s": "wall s",
+               "trace_digest": "digest"}
+
+
+def cmd_sweep(args) -> int:
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+    from rich.table import Table
+
+    from ifcvf.tools.extras import require
+
+    require("sim", "`ifcvf sim sweep`")
+    if args.scheduler:
+        require("dask", "--scheduler")
+    if args.plot:
+        require("plot", "--plot")
+    from sim.scenario import ScenarioError
+    from ifcvf.tools.runs import sweep as sw
+
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        sweep = sw.load_sweep(args.sweep)
+    except ScenarioError as e:
+        err.print(f"[bold red]error:[/] {e}")
+        return 2
+    params = list(sweep.grid)
+    if args.plot and (not args.x or not args.y):
+        err.print("[bold red]error:[/] --plot needs --x PARAM and --y METRIC")
+        return 2
+    if args.plot and args.x not in params:
+        err.print(f"[bold red]error:[/] --x {args.x!r} is not a grid key; grid keys: {', '.join(params)}")
+        return 2
+    where = (f"Dask cluster {args.scheduler}" if args.scheduler else
+             "this process" if args.workers == 0 else f"{args.workers or 'one per core'} local workers")
+    console.rule(f"[bold]{sweep.name}[/]: {len(sweep.points)} points on {where}")
+    failed = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("points", total=len(sweep.points))
+
+        def on_done(entry):
+            progress.advance(task)
+            if not entry.get("ok"):
+                failed.append(entry)
+                why = entry.get("error") or "; ".join(entry.get("problems", []))[:200]
+                progress.console.print(f"[bold red]point failed[/] {entry['params']} seed "
+                                       f"{entry['seed']}: {why}")
+        try:
+            entries = sw.run_sweep(sweep, workers=args.workers, scheduler=args.scheduler,
+                                   on_done=on_done)
+        except OSError as e:
+            err.print(f"[bold red]error:[/] cannot reach the scheduler {args.scheduler}: {e}")
+            return 2
+    cols = sw.columns(entries, params)
+    table = Table(title=f"{sweep.name} ({sweep.base.name}; every metric in --json/--csv)")
+    shown = [c for c in cols if c in params or c in SWEEP_TABLE]
+    for c in shown:
+        table.add_column(SWEEP_TABLE.get(c) or c.rpartition(".")[2], justify="right")
+    for e in entries:
+        cells = []
+        for c, v in zip(cols, sw.row(e, cols, params)):
+            if c not in shown:
+                continue
+            if c == "trace_digest" and v:
+                v = v[:12]
+            if c == "ok":
+                v = "[green]yes[/]" if v else "[bold red]NO[/]"
+            cells.append("-" if v is None else str(v))
+        table.add_row(*cells)
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(sw.to_json(sweep, entries), indent=2) + "\n")
+        console.print(f"points written to {args.json}")
+    if args.csv:
+        sw.write_csv(entries, params, args.csv)
+        console.print(f"points written to {args.csv}")
+    if args.plot:
+        sw.plot(entries, params, args.x, args.y, args.plot)
+        console.print(f"{args.y} against {args.x} plotted to {args.plot}")
+    if failed:
+        console.print(f"[bold red]{len(failed)} of {len(entries)} points failed[/]")
+    return 1 if failed else 0

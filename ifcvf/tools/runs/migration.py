@@ -2,10 +2,17 @@
 
 One world holds a source VF and a destination VF, each behind its own
 vhost-user back-end, a guest (``sim.guest.GuestNet``) in source RAM, and a
-tester port with a traffic generator and a sink cabled to the source VF.  The
-QEMU role (``sim.migration.PreCopy``) migrates the guest; at switch-over the
-guest continues in destination RAM on the destination VF and the cable moves
-with it.  Checked on every run:
+tester port with a traffic generator and a sink.  The tester and both VFs'
+ports hang on an L2 switch with MAC learning (``sim.switch``).  The QEMU role
+(``sim.migration.PreCopy``) migrates the guest; at switch-over the guest
+continues in destination RAM on the destination VF, and the network learns
+that only from the guest's frames: the destination's QEMU role raises the
+config interrupt with VIRTIO_NET_S_ANNOUNCE when the guest acked
+GUEST_ANNOUNCE (``sim.announce``), the guest sends gratuitous ARPs and the
+switch moves its MAC; without GUEST_ANNOUNCE only the guest's own traffic
+moves it.  Until then the switch sends the guest's frames to the old port,
+where the source VF drops them: the RX blackout, reported under
+``network``.  Checked on every run:
 
 1. memory: at switch-over, destination RAM equals source RAM page by page;
 2. frames: every frame the guest sent left on a wire exactly once, and every
@@ -31,16 +38,20 @@ from dataclasses import dataclass, field
 
 from hal.memory import HostMemory, align_up
 from ifcvf.devargs import parse as parse_devargs
-from ifcvf.tools.runs.stack import SimHost, Vf, Vm, cable
+from ifcvf.tools.runs.stack import SimHost, Vf, Vm
 from ifcvf.vhost.protocol import log_size
 from sim._native import lib
 from sim.migration import (CpuDirtyTracker, Outcome, PreCopy, PreCopyConfig,
                            regions_of)
 from sim.scenario import Scenario, device_config
 from sim import virtio_regs as vr
+from sim.announce import AnnounceParams, VirtioNetAnnounce, announce_self
+from sim.frames import FrameBatch
 from sim.guest import SUPPORTED_FEATURES, GuestCosts
-from sim.traffic import Arrivals, Generator, Responder, Sink, steer_by_flow
-from sim.wire import connect, disconnect
+from sim.switch import Switch, mac_text
+from sim.traffic import (DEFAULT_DST_MAC, DEFAULT_SRC_MAC, Arrivals, Generator, Responder, Sink,
+                         steer_by_flow)
+from sim.wire import Port
 
 PAGE = 4096
 SAMPLE_US = 20.0
@@ -68,6 +79,7 @@ class Leg:
     start_us: float
     in_flight: dict[int, tuple[int, int]] = field(default_factory=dict)  # q -> (base, avail idx)
     skipped_pages: list[int] = field(default_factory=list)
+    blackout: dict = field(default_factory=dict)
 
 
 class MigrationRun:
@@ -98,10 +110,22 @@ class MigrationRun:
                      costs=GuestCosts().scaled(drv["guest_cost_scale"]),
                      rx_alloc_fail=drv["rx_alloc_fail"], tx_pps=t["tx_pps"],
                      tx_pattern=pattern["pattern"], tx_burst=pattern["burst"],
-                     tx_on_us=pattern["on_us"], tx_off_us=pattern["off_us"])
+                     tx_on_us=pattern["on_us"], tx_off_us=pattern["off_us"],
+                     link_up_announce=True)
         self.style, self.status = drv["front_end"], drv["status"]
-        wanted = None if drv["event_idx"] else SUPPORTED_FEATURES & ~(1 << vr.F_EVENT_IDX)
+        wanted = SUPPORTED_FEATURES
+        if not drv["event_idx"]:
+            wanted &= ~(1 << vr.F_EVENT_IDX)
+        if not drv["guest_announce"]:
+            wanted &= ~(1 << vr.F_NET_GUEST_ANNOUNCE)
         self.fe = self.vm.plug(self.vfs[0], style=self.style, status=self.status, wanted=wanted)
+        net = scenario.section("network")
+        self.announce_params = AnnounceParams(net["announce_initial_ms"], net["announce_max_ms"],
+                                              net["announce_rounds"], net["announce_step_ms"])
+        # QEMU's side of config space and control queue, on the source: link up, no rounds
+        self.announcer = self._announcer(self.vm.features)
+        self.announcers: list[VirtioNetAnnounce] = [self.announcer]
+        self.self_announce: list = []
         self.current = self.vfs[0]
         self.active = list(range(self.pairs))
         # RX offered per pair, and when the first frame since the last delivery came
@@ -110,18 +134,31 @@ class MigrationRun:
         self.first_owed: list[int | None] = [None] * self.pairs
         steer = steer_by_flow(self.active)
 
-        def counting_steer(batch) -> int:
-            pair = steer(batch)
-            if 0 <= pair < self.pairs:
-                self.offered[pair] += len(batch.lengths)
-                if (self.first_owed[pair] is None
-                        and self.current.model.queues[2 * pair].running):
-                    self.first_owed[pair] = world.now
-            return pair
+        def counting_steer_for(vf):
+            def counting_steer(batch) -> int:
+                pair = steer(batch)
+                # frames reaching a VF the guest is not on are owed to nobody
+                if 0 <= pair < self.pairs and vf is self.current:
+                    self.offered[pair] += len(batch.lengths)
+                    if (self.first_owed[pair] is None
+                            and self.current.model.queues[2 * pair].running):
+                        self.first_owed[pair] = world.now
+                return pair
+            return counting_steer
         for vf in self.vfs:
-            vf.model.datapath.steer = counting_steer
-        self.tester = cable(world, self.current)
-        self.sink = Sink(world, self.tester, flows=flows * self.pairs, flow_base=self.vm.guest.tx_flow_base)
+            vf.model.datapath.steer = counting_steer_for(vf)
+        # The network: the tester and every VF's port on one switch
+        self.switch = Switch(world, latency_ns=net["switch_latency_ns"], aging_s=net["aging_s"])
+        self.tester = Port(world, "tester", self.current.model.config.wire_gbps)
+        self.switch.attach(self.tester, name="tester")
+        self.vf_ports = {vf.model.name: self.switch.attach(vf.model.port, name=vf.model.name)
+                         for vf in self.vfs}
+        self.guest_mac = self.vm.guest.mac
+        self.to_guest = self.switch.watch(self.guest_mac)
+        self.tester_mac = DEFAULT_SRC_MAC
+        self.sink = Sink(world, None, flows=flows * self.pairs, flow_base=self.vm.guest.tx_flow_base)
+        self.tester_other = 0          # frames the tester got not addressed to it (broadcasts)
+        self.tester.on_receive(self._tester_receive)
         self.gen = None
         size = t["frame_size"]
         if t["rx_gbps"] > 0:
@@ -140,6 +177,31 @@ class MigrationRun:
         self.samples: list[Sample] = []
         self.legs: list[Leg] = []
         self.leaked: list[str] = []
+
+    def _announcer(self, features: int) -> VirtioNetAnnounce:
+        guest = self.vm.guest
+        a = VirtioNetAnnounce(self.host.world, features, guest.config_interrupt,
+                              params=self.announce_params, name=f"qemu-announce-{len(getattr(self, 'announcers', []))}")
+        guest.attach_control(a.read_status, a.handle_ack)
+        return a
+
+    def _tester_receive(self, batch: FrameBatch) -> None:
+        """The tester's host: frames for its MAC to the checking sink, the rest
+        (the guest's broadcasts, flooded) counted."""
+        ends = self.switch._runs(batch)
+        if len(ends) == 1 and bytes(batch.data[:6]) == self.tester_mac:
+            self.sink.receive(batch)
+            return
+        start = off = 0
+        data, lengths, times = batch.data, batch.lengths, batch.times
+        for end in list(ends):
+            size = sum(lengths[start:end])
+            if bytes(data[off:off + 6]) == self.tester_mac:
+                self.sink.receive(FrameBatch(memoryview(data)[off:off + size], lengths[start:end],
+                                             times[start:end]))
+            else:
+                self.tester_other += end - start
+            start, off = end, off + size
 
     # --- traffic accounting ------------------------------------------------------
     def _sample(self):
@@ -299,10 +361,9 @@ class MigrationRun:
         def start_destination(bases):
             for q in range(2 * self.pairs):
                 leg.in_flight[q] = (bases[q], vm.guest.ring_indexes(q)[0])
-            # The cable first: the destination VF transmits the frames left in
-            # flight as soon as it starts, and they must reach the network.
-            disconnect(self.tester)
-            connect(dst.model.port, self.tester)
+            # No cable moves: both VFs hang on the switch, which learns where
+            # the guest is from the frames the destination VF sends.
+            self._blackout_start(leg, src, dst)
             self.current = dst
             fe_dst = self.host.connect(dst, style=self.style, status=self.status,
                                        name=f"{vm.name}@{dst.model.name}")
@@ -311,8 +372,17 @@ class MigrationRun:
             vm.guest.remap(dst_ram)
             vm.attach(fe_dst)
             self.fe = fe_dst
+            # QEMU's virtio-net post_load arms the announce timer; announce_self
+            # sends its RARPs to the vhost-user peer (migration_done)
+            self.announcer.stop()
+            self.announcer = self._announcer(fe_src.acked_features)
+            self.announcers.append(self.announcer)
+            leg.blackout["announcer"] = self.announcer
             vm.guest.resume()
             vm.guest.kick_all()
+            self.announcer.post_load()
+            leg.blackout["self_announce"] = announce_self(
+                world, fe_dst, self.guest_mac, fe_src.acked_features, params=self.announce_params)
             fe_src.close()   # the source QEMU goes away
 
         config = PreCopyConfig(bandwidth_bytes_per_s=self.mig["bandwidth_mib_s"] * (1 << 20),
@@ -332,6 +402,82 @@ class MigrationRun:
         if leg.outcome.cancelled or not leg.outcome.converged:
             self._check_direct_again(src)
         return leg
+
+    # --- the RX blackout ----------------------------------------------------------------
+    def _blackout_start(self, leg: Leg, src: Vf, dst: Vf) -> None:
+        """Switch-over: count from now what the switch sends where, and when the
+        guest gets its first frame at the destination (polled every 10 us)."""
+        world = self.host.world
+        tag = f"switchover-{len(self.legs)}"
+        self.switch.mark(tag)
+        t0 = world.now
+        old, new = self.vf_ports[src.model.name], self.vf_ports[dst.model.name]
+        b = leg.blackout
+        b.update(t0=t0, old_port=old, new_port=new, tag=tag, first_at_port=None,
+                 first_delivery=None, delivered_before=self.vm.guest.rx_counts().frames,
+                 moved=None)
+
+        b["to_old"] = 0
+
+        def listener(mac, port, sent, prop):
+            if mac != self.guest_mac:
+                return
+            if port == old:
+                b["to_old"] += len(sent.lengths)
+            elif port == new and b["first_at_port"] is None:
+                b["first_at_port"] = sent.times[0] + prop
+        # the previous leg's count ends here (the guest may come back to its port)
+        for prev in self.legs:
+            if "_listener" in prev.blackout:
+                self.switch.listeners.remove(prev.blackout.pop("_listener"))
+        self.switch.listeners.append(listener)
+        b["_listener"] = listener
+        moves_before = len(self.switch.moves)
+        b["_moves_before"] = moves_before
+
+        def watch_delivery():
+            # the first delivery counted once a frame reached the destination's
+            # port (before that the guest may still take frames the source left)
+            step = world.cycles(10_000)
+            guest = self.vm.guest
+            before = None
+            while b["first_delivery"] is None and self._live:
+                yield world.timeout(step)
+                if b["first_at_port"] is None:
+                    continue
+                if before is None:
+                    before = b["delivered_before"] = guest.rx_counts().frames
+                elif guest.rx_counts().frames > before:
+                    b["first_delivery"] = world.now
+        world.process(watch_delivery())
+
+    def _blackout_report(self, leg: Leg) -> dict:
+        world = self.host.world
+        b = leg.blackout
+        if not b:
+            return {}
+        if "_listener" in b:
+            self.switch.listeners.remove(b.pop("_listener"))
+        t0 = b["t0"]
+        moved = [m for m in self.switch.moves[b.get("_moves_before", 0):]
+                 if m.mac == self.guest_mac and m.to_port == b["new_port"]]
+        move = moved[0] if moved else None
+
+        def us(cycle):
+            return None if cycle is None else round(world.ns(cycle - t0) / 1000, 3)
+        return {
+            "leg": f"{leg.src}->{leg.dst}",
+            "frames_to_old_port": b["to_old"],
+            "first_frame_at_destination_us": us(b["first_at_port"]),
+            "first_delivery_to_guest_us": us(b["first_delivery"]),
+            "mac_moved_us": us(move.cycle) if move else None,
+            "mac_moved_by": (None if move is None else
+                             "gratuitous ARP" if move.by_ethertype == 0x0806 else
+                             "guest traffic"),
+            "announce_rounds_us": [us(t) for t in b["announcer"].fired] if "announcer" in b else [],
+            "announce_acks_us": [us(t) for t in b["announcer"].acks] if "announcer" in b else [],
+            "self_announce": sorted({o for _, o in b.get("self_announce", [])}),
+        }
 
     def _check_direct_again(self, vf: Vf) -> None:
         """After a cancel the VF must be back to plain operation with nothing left over."""
@@ -418,6 +564,8 @@ class MigrationRun:
     def _vf_drops(self) -> dict:
         out = {}
         for vf in self.vfs:
+            if vf.model.datapath.rx_no_queue:
+                out["no_queue"] = out.get("no_queue", 0) + vf.model.datapath.rx_no_queue
             for q, st in vf.model.datapath.stats()["queues"].items():
                 if st["kind"] == "rx":
                     for why in ("fifo_drops", "not_running_drops", "stop_drops", "too_big", "oversize"):
@@ -466,7 +614,12 @@ class MigrationRun:
         dropped = sum(drops.values())
         offered = (self.gen.frames if self.gen else 0) + (self.responder.frames if self.responder else 0)
         rx_missing = offered - rx.frames
-        rx_unexplained = rx_missing - dropped
+        # Copies the switch sent to VF ports beyond one per frame offered to the
+        # guest (flooded frames, the guest's broadcasts) reach VFs the guest is
+        # not on, which drop them: those drops explain no missing frame.
+        to_vfs = sum(self.switch.ports[i].tx_frames for i in self.vf_ports.values())
+        surplus = to_vfs - offered
+        rx_unexplained = rx_missing - (dropped - surplus)
         tx_missing = guest.tx_frames() - tx.frames
         frames_lost = max(0, rx_unexplained) + max(0, tx_missing)
         frames_dup = rx.duplicates + rx.stale + tx.duplicates + tx.stale
@@ -520,6 +673,20 @@ class MigrationRun:
                                 f"the scenario expects it {'to' if expect['converged'] else 'not to'}")
             if cancelled != expect["cancelled"]:
                 problems.append(f"cancelled: {cancelled}, expected {expect['cancelled']}")
+        network = {
+            "guest_mac": mac_text(self.guest_mac),
+            "guest_announce": bool(self.vm.features >> vr.F_NET_GUEST_ANNOUNCE & 1),
+            "announce_params_ms": {"initial": self.announce_params.initial_ms,
+                                   "max": self.announce_params.max_ms,
+                                   "rounds": self.announce_params.rounds,
+                                   "step": self.announce_params.step_ms},
+            "announce_acks": sum(len(a.acks) for a in self.announcers),
+            "gratuitous_arps": self.vm.guest.announces,
+            "blackout": [self._blackout_report(l) for l in self.legs if l.blackout],
+            "switch": self.switch.counters(),
+            "copies_dropped_elsewhere": surplus,
+            "tester_other_frames": self.tester_other,
+        }
         migration = {}
         if self.legs:
             migration = {
@@ -558,6 +725,7 @@ class MigrationRun:
                 "rx_stalls": self.stalls,
             },
             "migration": migration,
+            "network": network,
             "traffic": {
                 "tx_frames": tx.frames, "rx_frames": rx.frames,
                 "tx_sent_by_guest": guest.tx_frames(), "rx_offered": offered,

@@ -99,6 +99,7 @@ def show_migration(result: dict, console) -> None:
         summary.add_row("downtime", f"{mig['downtime_us'] / 1000:.3f} ms")
         summary.add_row("stop-and-copy pages", str(mig["stop_copy_pages"]))
         console.print(summary)
+    show_network(result.get("network"), console)
     inv = result["invariants"]
     checks = Table(title="invariants", show_header=False)
     checks.add_row("destination RAM equals source RAM", _mark(inv["memory_equal"]))
@@ -117,3 +118,24 @@ def show_migration(result: dict, console) -> None:
         console.print(f"[bold red]problem:[/] {problem}")
     console.print(f"simulated {result['simulated_us'] / 1000:.3f} ms in {result['wall_s']:.2f} s, "
                   f"trace digest [bold]{result['trace_digest']}[/]")
+
+
+def _us(value) -> str:
+    return "[bold red]never[/]" if value is None else f"{value:,.1f} us"
+
+
+def show_network(net: dict | None, console) -> None:
+    """The switch and the RX blackout after each switch-over."""
+    if not net or not net.get("blackout"):
+        return
+    table = Table(title=f"RX blackout after switch-over (guest {net['guest_mac']}, GUEST_ANNOUNCE "
+                        f"{'acked' if net['guest_announce'] else 'not acked'})")
+    for col in ("leg", "frames to the old port", "MAC moved", "by", "first frame at destination",
+                "first delivery to the guest", "announce rounds (ms)", "QEMU's RARP"):
+        table.add_column(col, justify="right")
+    for b in net["blackout"]:
+        rounds = ", ".join(f"{r / 1000:g}" for r in b["announce_rounds_us"]) or "none"
+        table.add_row(b["leg"], str(b["frames_to_old_port"]), _us(b["mac_moved_us"]),
+                      b["mac_moved_by"] or "-", _us(b["first_frame_at_destination_us"]),
+                      _us(b["first_delivery_to_guest_us"]), rounds, ", ".join(b["self_announce"]))
+    console.print(table)
