@@ -6,7 +6,8 @@ package (pyproject.toml); `make run` and `make test` install all of them:
 - ``sim``          simpy: the simulated IFCVF (`--device sim`, `ifcvf sim run`, `ifcvf bench sim`);
 - ``plot``         matplotlib: `ifcvf sim run --plot`;
 - ``conformance``  pytest: `ifcvf conformance`;
-- ``test``         pytest and hypothesis: the repository's own tests.
+- ``test``         pytest and hypothesis: the repository's own tests;
+- ``fuzz``         atheris and hypothesis: `ifcvf fuzz`.
 
 A command checks for its extra before it does anything (``require``); the
 CLI turns a ``MissingExtra`` (or an import of a missing extra's module that
@@ -23,6 +24,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "plot": ("matplotlib",),
     "conformance": ("pytest",),
     "test": ("pytest", "hypothesis"),
+    "fuzz": ("atheris", "hypothesis"),
 }
 
 
