@@ -40,6 +40,8 @@ def test_failures_and_faults_name_their_reason_in_the_log(rows):
     assert "never reported disabled" in by["stop-never-acks", "stop-and-copy"].reason
     assert "covers less than the memory table" in by["small-log", "pre-copy"].reason
     assert "switching to software relay failed" in by["relay-map-fails", "before-logging"].reason
+    for phase in faults.PHASES:
+        assert "DEVICE_NEEDS_RESET" in by["dma-fault", phase].reason
 
 
 def test_the_leak_check_sees_a_leak(tmp_path, monkeypatch):

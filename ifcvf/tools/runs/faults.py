@@ -116,6 +116,18 @@ def _relay_map_fails(run, phase):
     run.current.model.iommu.refuse_maps_from = 0x2000_0000_0000
 
 
+def _dma_fault(run, phase):
+    """The guest points every RX descriptor at an IOVA nothing maps (past its RAM):
+    the VF's next DMA write into a buffer faults in its IOMMU domain."""
+    import struct
+
+    ram = run.vm.ram if run.current is run.vfs[0] else run._dst_ram
+    desc, _, _ = run.vm.guest.queue_addresses(0)
+    view = ram.view
+    for i in range(run.vm.queue_size):
+        struct.pack_into("<Q", view, desc + 16 * i, ram.size + (1 << 30))
+
+
 FAULTS = {
     "stop-never-acks": (_stop_never_acks, {p: "completed" for p in PHASES}),
     "frontend-disconnect": (_frontend_disconnect, {"before-logging": "failed", "pre-copy": "failed",
@@ -124,11 +136,14 @@ FAULTS = {
     "small-log": (_small_log, {p: "completed" for p in PHASES}),
     "mem-table-changed": (_mem_table_changed, {p: "completed" for p in PHASES}),
     "relay-map-fails": (_relay_map_fails, {p: "completed" for p in PHASES}),
+    "dma-fault": (_dma_fault, {p: "completed" for p in PHASES}),
 }
 # The logging mode each fault runs in (the relay's maps exist only with the software relay).
 MODE = {"relay-map-fails": "sw"}
 # Frames the guest cannot receive once its front-end is gone are not the driver's to deliver.
-FRAMES_LOST_ALLOWED = {("frontend-disconnect", "after-switch-over")}
+# Nor are frames to a guest that broke its own ring (the VF stops that ring by design).
+FRAMES_LOST_ALLOWED = {("frontend-disconnect", "after-switch-over")} | {
+    ("dma-fault", phase) for phase in PHASES}
 
 
 class _Errors(logging.Handler):
