@@ -419,7 +419,10 @@ class VdpaDevice:
             status = self.hw.status()
         except (HwError, HalError):
             status = 0
-        if status & ids.Status.NEEDS_RESET:
+        if status == 0xFF:
+            log.error("%s: the VF reads all ones (device status %#04x): it is gone from the bus "
+                      "(surprise removal); ring state comes from the guest's used rings", self.name, status)
+        elif status & ids.Status.NEEDS_RESET:
             # A queue broke (a buffer it could not reach, a malformed chain): the
             # VF stopped that queue's work on its own; say so, it explains lost frames.
             log.error("%s: the VF reports DEVICE_NEEDS_RESET (status %#04x): a queue met a "

@@ -42,6 +42,7 @@ def test_failures_and_faults_name_their_reason_in_the_log(rows):
     assert "switching to software relay failed" in by["relay-map-fails", "before-logging"].reason
     for phase in faults.PHASES:
         assert "DEVICE_NEEDS_RESET" in by["dma-fault", phase].reason
+        assert "surprise removal" in by["surprise-removal", phase].reason
 
 
 def test_the_leak_check_sees_a_leak(tmp_path, monkeypatch):
@@ -69,3 +70,20 @@ def test_cli_writes_the_rows(tmp_path):
     for r in data["rows"]:
         assert {"fault", "phase", "outcome", "expected", "pages_lost", "frames_lost", "leaks"} <= set(r)
     assert main(["sim", "faults", "--fault", "nosuch"]) == 2
+
+
+def test_a_removed_function_reads_all_ones_and_stops_its_dma():
+    from ifcvf.tools.runs.stack import SimHost
+    from sim.config import IfcvfConfig
+
+    host = SimHost(seed=3)
+    try:
+        vf = host.add_vf(IfcvfConfig(queue_pairs=1))
+        assert vf.model.config_read(0, 2) == 0x1AF4
+        vf.model.surprise_remove()
+        assert vf.model.config_read(0, 2) == 0xFFFF
+        assert vf.model.mmio_read(0, 0, 4) == 0xFFFF_FFFF
+        vf.model.mmio_write(0, 0x14, 1, 0)    # goes nowhere
+        assert not any(q.running for q in vf.model.queues)
+    finally:
+        host.close()

@@ -10,7 +10,8 @@ statuses, a back-end channel), the same requests out of order, raw headers
 with random payloads, and wrong fd counts.  Replies are read and dropped.
 
 Properties: the server never raises and logs no unexpected error (a
-contained bug is still a bug); after the front-end goes away every fd the
+contained bug is still a bug); a bystander VF on the same server still
+answers afterwards; after the front-end goes away every fd the
 case created is closed (no fd leaks, including eventfds and memfds), the
 VF's IOMMU domain holds no mapping and the VF is stopped.
 """
@@ -197,6 +198,7 @@ def PROPERTY(prefix, pairs, sequence):
         try:
             vf = host.add_vf(IfcvfConfig(queue_pairs=2))
             fe = host.connect(vf, style=DPDK_VIRTIO_USER if prefix == "dpdk" else QEMU_7_2)
+            other = host.connect(host.add_vf(IfcvfConfig(queue_pairs=1)))   # a bystander VF
             if prefix != "none":
                 rings = rings_for(pairs)
                 fe.connect(len(rings))
@@ -225,6 +227,8 @@ def PROPERTY(prefix, pairs, sequence):
                     closed = True
                 if closed:
                     break
+            # Whatever happened to the fuzzed connection, the other VF still serves.
+            assert other.get_u64(R.GET_FEATURES) == host.vfs[1].backend.offered_features
         finally:
             host.close()
             close_fds(case.extra)

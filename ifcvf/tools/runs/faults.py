@@ -9,6 +9,11 @@ phase, reached through the migration's own progress events:
 - ``stop-and-copy``: the guest paused, before the source's rings are stopped;
 - ``after-switch-over``: the guest runs on the destination.
 
+Faults: ``stop-never-acks``, ``frontend-disconnect``, ``small-log``,
+``mem-table-changed``, ``relay-map-fails`` (software relay), ``dma-fault`` (RX
+descriptors past the guest's RAM), ``surprise-removal`` (the function reads all
+ones and does no more DMA).
+
 Each row records the outcome (``completed``, ``failed``: the migration did not
 happen and the guest stays on the source), pages lost (destination RAM that
 differs from source RAM at switch-over), frames lost, and leaks: fds and
@@ -128,6 +133,12 @@ def _dma_fault(run, phase):
         struct.pack_into("<Q", view, desc + 16 * i, ram.size + (1 << 30))
 
 
+def _surprise_removal(run, phase):
+    """The VF the guest runs on disappears: MMIO and config reads return all ones,
+    writes go nowhere, its DMA stops."""
+    run.current.model.surprise_remove()
+
+
 FAULTS = {
     "stop-never-acks": (_stop_never_acks, {p: "completed" for p in PHASES}),
     "frontend-disconnect": (_frontend_disconnect, {"before-logging": "failed", "pre-copy": "failed",
@@ -137,13 +148,14 @@ FAULTS = {
     "mem-table-changed": (_mem_table_changed, {p: "completed" for p in PHASES}),
     "relay-map-fails": (_relay_map_fails, {p: "completed" for p in PHASES}),
     "dma-fault": (_dma_fault, {p: "completed" for p in PHASES}),
+    "surprise-removal": (_surprise_removal, {p: "completed" for p in PHASES}),
 }
 # The logging mode each fault runs in (the relay's maps exist only with the software relay).
 MODE = {"relay-map-fails": "sw"}
 # Frames the guest cannot receive once its front-end is gone are not the driver's to deliver.
 # Nor are frames to a guest that broke its own ring (the VF stops that ring by design).
 FRAMES_LOST_ALLOWED = {("frontend-disconnect", "after-switch-over")} | {
-    ("dma-fault", phase) for phase in PHASES}
+    ("dma-fault", phase) for phase in PHASES} | {("surprise-removal", "after-switch-over")}
 
 
 class _Errors(logging.Handler):
@@ -231,6 +243,10 @@ def run_one(fault: str, phase: str, *, mode: str | None = None, tmp: Path | None
             row.pages_lost = len(inv.get("mismatched_pages") or [])
             row.frames_lost = int(inv.get("frames_lost") or 0)
             row.leaks += list(run.leaked)
+            if inv.get("exclusive") is False:   # not a leak, but as bad: both sides ran at once
+                row.leaks.append("source and destination queues ran at the same time")
+            if inv.get("in_order") is False or inv.get("frames_duplicated"):
+                row.leaks.append(f"frames out of order or duplicated ({inv.get('frames_duplicated')})")
             if not result.get("ok", True):
                 row.reason = "; ".join(str(p)[:200] for p in result.get("problems", []))
     finally:
