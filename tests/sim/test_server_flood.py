@@ -107,3 +107,46 @@ def test_a_front_end_that_never_reads_its_replies_is_dropped_not_waited_for(host
     b.sock.send(GET_FEATURES)
     host.server.poll_once(0)
     assert replies(b.sock) == 1
+
+
+def test_many_connection_attempts_cost_one_accept_per_round_and_leak_nothing(host, tmp_path):
+    """A front-end that opens connection after connection to a VF's socket: the
+    endpoint serves one front-end, refuses the others one accept per round, and
+    another VF is answered in the first round; nothing is left open."""
+    import os
+
+    from ifcvf.vhost.backend import VhostBackend
+
+    vf_a = host.add_vf(IfcvfConfig(queue_pairs=1))
+    b = host.connect(host.add_vf(IfcvfConfig(queue_pairs=1)))
+    path = str(tmp_path / "a.sock")
+    host.server.add_endpoint(path, lambda: VhostBackend(vf_a.driver, name="a"))
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    first.connect(path)
+    host.server.poll_once(0)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    attempts, connected = [], 0
+    for _ in range(200):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+            connected += 1
+        except (BlockingIOError, ConnectionRefusedError):
+            pass
+        attempts.append(s)
+    assert connected >= 1
+    b.sock.send(GET_FEATURES)
+    host.server.poll_once(0)
+    assert replies(b.sock) == 1                      # B: answered in the first round
+    for _ in range(connected + 2):
+        host.server.poll_once(0)
+    first.send(GET_FEATURES)                         # the VF's own front-end is still served
+    host.server.poll_once(0)
+    assert replies(first) == 1
+    for s in attempts:
+        s.close()
+    first.close()
+    host.server.poll_once(0)
+    # The refused connections were closed by the server: nothing of theirs is left.
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
