@@ -429,6 +429,18 @@ class VdpaDevice:
     def _stop_hw(self, run: Running) -> dict[int, RingState]:
         """Stop the VF and return each running queue's state (from the used ring if need be)."""
         try:
+            status = self.hw.status()
+        except (HwError, HalError):
+            status = 0
+        if status == 0xFF:
+            log.error("%s: the VF reads all ones (device status %#04x): it is gone from the bus "
+                      "(surprise removal); ring state comes from the guest's used rings", self.name, status)
+        elif status & ids.Status.NEEDS_RESET:
+            # A queue broke (a buffer it could not reach, a malformed chain): the
+            # VF stopped that queue's work on its own; say so, it explains lost frames.
+            log.error("%s: the VF reports DEVICE_NEEDS_RESET (status %#04x): a queue met a "
+                      "descriptor or buffer it could not use and stopped", self.name, status)
+        try:
             states = self.hw.stop(sorted(run.queues))
         except (HwError, HalError) as err:
             log.error("%s: stop: %s; resetting", self.name, err)

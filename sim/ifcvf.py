@@ -165,10 +165,32 @@ class IfcvfFunction:
     # public: config space and BARs
     # ======================================================================
     def config_read(self, offset: int, size: int) -> int:
+        if self.removed:
+            return (1 << (8 * size)) - 1
         return self.pci.read(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
+        if self.removed:
+            return
         self.pci.write(offset, size, value)
+
+    removed = False
+    """Fault knob (``surprise_remove``): the function is gone from the bus."""
+
+    def surprise_remove(self) -> None:
+        """Fault: the function disappears (hot-unplug, link down): every config and
+        MMIO read returns all ones, writes go nowhere, and no DMA happens any
+        more (every engine stops where it is, without acknowledging anything)."""
+        if self.removed:
+            return
+        self.removed = True
+        self._record("surprise_removal")
+        for queue in self.queues:
+            if queue.running:
+                queue.running = False
+                queue.engine.stop(lambda: None)
+            if queue.enabled:
+                self.activity.append((self.world.now, queue.index, False))   # no DMA from here on
 
     def bar_size(self, bar: int) -> int | None:
         spec = self.layout.bar(bar)
@@ -188,6 +210,8 @@ class IfcvfFunction:
 
     def mmio_read(self, bar: int, offset: int, width: int) -> int:
         self._check_mmio(bar, offset, width)
+        if self.removed:
+            return (1 << (8 * width)) - 1
         if not self.pci.memory_enabled:
             self._record("mmio_decode_off", bar=bar, offset=offset, width=width, op="read")
             return (1 << (8 * width)) - 1
@@ -196,6 +220,8 @@ class IfcvfFunction:
     def mmio_write(self, bar: int, offset: int, width: int, value: int) -> None:
         self._check_mmio(bar, offset, width)
         check_value(value, width, f"{self.name} BAR{bar}")
+        if self.removed:
+            return
         if not self.pci.memory_enabled:
             self._record("mmio_decode_off", bar=bar, offset=offset, width=width, op="write")
             return

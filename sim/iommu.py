@@ -53,11 +53,18 @@ class IommuDomain:
         self._starts: list[int] = []
         self._maps: list[Mapping] = []
         self.faults: list[IommuFault] = []
+        # Fault knob: every map at or above this IOVA fails, as a full IOMMU
+        # (VFIO's -ENOSPC) or an exhausted DMA limit would make it (None: never).
+        self.refuse_maps_from: int | None = None
 
     # --- control (the driver, through VFIO_IOMMU_MAP_DMA / UNMAP_DMA) ------------
     def map(self, iova: int, buffer, size: int) -> None:
         """Map [iova, iova+size) onto the first ``size`` bytes of ``buffer``."""
         _check_range("map", iova, size)
+        if self.refuse_maps_from is not None and iova + size > self.refuse_maps_from:
+            self.world.record(self.name, "iommu_map_refused", iova=iova, size=size)
+            raise IommuError(f"map {iova:#x}+{size:#x}: refused (fault knob: no maps from "
+                             f"{self.refuse_maps_from:#x})")
         try:
             view = memoryview(buffer)
         except TypeError as exc:

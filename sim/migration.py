@@ -136,6 +136,11 @@ class DirtyLogReader:
         self._out = bytearray(size)
         self._out_ptr = ffi.from_buffer("uint8_t[]", self._out)
 
+    def close(self) -> None:
+        """Drop the export of the log memory, so closing it unmaps it (and closes
+        the mmap's own fd) now, not whenever this reader is collected."""
+        ffi.release(self._ptr)
+
     def fetch_and_clear(self) -> set[int]:
         bits = lib.ifc_log_fetch_clear(self._ptr, self.size, self._out_ptr)
         if bits < 0:

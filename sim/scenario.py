@@ -176,9 +176,13 @@ def load(path: str | Path, *, extra_schema: dict[str, list[Key]] | None = None) 
 
 def read_toml(path: Path, what: str = "scenario") -> dict:
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ScenarioError(f"{path}: no such {what} file") from None
+    except UnicodeDecodeError as err:
+        raise ScenarioError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise ScenarioError(f"{path}: cannot read: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(f"{path}: not valid TOML: {err}") from None
 

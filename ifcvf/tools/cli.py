@@ -18,6 +18,7 @@ COMMANDS = [
     "ifcvf.tools.commands.conformance",
     "ifcvf.tools.commands.bench",
     "ifcvf.tools.commands.devices",
+    "ifcvf.tools.commands.fuzz",
 ]
 
 DESCRIPTION = """\

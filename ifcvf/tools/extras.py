@@ -8,7 +8,8 @@ package (pyproject.toml); `make run` and `make test` install all of them:
 - ``conformance``  pytest: `ifcvf conformance`;
 - ``metrics``      prometheus_client: `ifcvf serve --metrics`;
 - ``test``         pytest and hypothesis: the repository's own tests;
-- ``dask``         distributed: `ifcvf sim sweep --scheduler ADDRESS`.
+- ``dask``         distributed: `ifcvf sim sweep --scheduler ADDRESS`;
+- ``fuzz``         atheris and hypothesis: `ifcvf fuzz`.
 
 A command checks for its extra before it does anything (``require``); the
 CLI turns a ``MissingExtra`` (or an import of a missing extra's module that
@@ -27,6 +28,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "metrics": ("prometheus_client",),
     "test": ("pytest", "hypothesis"),
     "dask": ("distributed",),
+    "fuzz": ("atheris", "hypothesis"),
 }
 
 

@@ -30,6 +30,12 @@ log = logging.getLogger("ifcvf.vhost.server")
 
 RECONNECT_S = 1.0
 MAX_LOOP_FAILURES = 100
+# Fairness between connections: a front-end that floods messages gets at most
+# this many handled per round of the loop, then every other connection's turn.
+MAX_MESSAGES_PER_ROUND = 32
+# A front-end that does not read its replies holds the loop at most this long
+# per reply, then loses its connection (its socket buffer is full).
+REPLY_TIMEOUT_S = 1.0
 
 
 def _request_name(frame) -> str:
@@ -324,7 +330,7 @@ class VhostServer:
             return
         for data, fds in requests:
             try:
-                send_message(conn.channel, data, fds)
+                send_message(conn.channel, data, fds, timeout=REPLY_TIMEOUT_S)
             except OSError as err:
                 log.warning("%s: back-end channel failed: %s", conn.name, err)
                 self._lose_channel(conn)
@@ -360,7 +366,7 @@ class VhostServer:
 
     def _service(self, conn: Connection) -> int:
         try:
-            frames = conn.reader.read_from(conn.sock)
+            frames = conn.reader.read_from(conn.sock, MAX_MESSAGES_PER_ROUND)
         except ConnectionClosed as err:
             log.info("%s: front-end disconnected (%s)", conn.name, err)
             self._close_conn(conn)
@@ -396,8 +402,8 @@ class VhostServer:
         outcome = conn.backend.handle(frame)
         try:
             for data, fds in outcome.replies:
-                send_message(conn.sock, data, fds)
-        except OSError as err:
+                send_message(conn.sock, data, fds, timeout=REPLY_TIMEOUT_S)
+        except OSError as err:   # MessageTimeout too: the front-end does not read its replies
             self._drop(conn, f"cannot reply: {err}")
             return False
         if outcome.backend_channel is not None:

@@ -74,6 +74,18 @@ def register(subparsers) -> None:
     sweep.add_argument("--x", metavar="PARAM", help="the grid key on the plot's x axis")
     sweep.add_argument("--y", metavar="METRIC", help="the metric on the plot's y axis")
     sweep.set_defaults(func=cmd_sweep)
+    faults = sub.add_parser(
+        "faults", help="the fault matrix: each fault at each phase of a migration",
+        description="Inject each fault (a queue that never acknowledges its stop, the front-end "
+                    "disconnecting, a log smaller than the memory table, the memory table changed "
+                    "while configured, the relay's DMA map failing) at each phase of a simulated "
+                    "migration (before logging, during pre-copy, during stop-and-copy, after "
+                    "switch-over) and check the outcome, pages and frames lost, and leaks (fds, "
+                    "eventfds, threads, IOMMU mappings, logging left on).  Exit status 1 when a "
+                    "row is not as expected.")
+    faults.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
+    faults.add_argument("--fault", action="append", help="only this fault (repeatable)")
+    faults.set_defaults(func=cmd_faults)
     sim.set_defaults(func=lambda args: sim.print_help() or 2)
 
 
@@ -200,3 +212,37 @@ def cmd_sweep(args) -> int:
     if failed:
         console.print(f"[bold red]{len(failed)} of {len(entries)} points failed[/]")
     return 1 if failed else 0
+
+
+def cmd_faults(args) -> int:
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ifcvf.tools.extras import require
+
+    require("sim", "`ifcvf sim faults`")
+    from ifcvf.tools.runs import faults
+
+    unknown = [f for f in args.fault or [] if f not in faults.FAULTS]
+    if unknown:
+        Console(stderr=True).print(f"[red]unknown fault {unknown[0]!r}[/]; faults: {', '.join(faults.FAULTS)}")
+        return 2
+    console = Console()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = faults.matrix(faults=args.fault, tmp=Path(tmp))
+    table = Table(title="fault matrix")
+    for col in ("fault", "phase", "mode", "outcome", "expected", "pages lost", "frames lost", "leaks"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("reason (first thing logged)", overflow="ellipsis", no_wrap=True, max_width=70)
+    for r in rows:
+        style = "" if r.ok else "red"
+        frames = str(r.frames_lost) + (" (front-end gone)" if r.frames_lost and r.frames_lost_allowed else "")
+        table.add_row(r.fault, r.phase, r.mode, r.outcome, r.expected, str(r.pages_lost), frames,
+                      "; ".join(r.leaks) or "none", r.reason, style=style)
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": [r.as_json() for r in rows]}, indent=2) + "\n")
+        console.print(f"results written to {args.json}")
+    return 0 if all(r.ok for r in rows) else 1

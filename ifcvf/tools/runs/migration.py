@@ -397,6 +397,7 @@ class MigrationRun:
             leg.outcome = precopy.run()
         finally:
             cpu.paused = True
+            precopy.reader.close()
             log_memory.close()
         leg.skipped_pages = list(src.model.datapath.skipped_pages)
         if leg.outcome.cancelled or not leg.outcome.converged:

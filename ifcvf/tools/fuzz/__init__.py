@@ -1,0 +1,39 @@
+"""Structure-aware fuzzing (``ifcvf fuzz``).
+
+Each target is a hypothesis ``@given`` property: its strategies build
+structured inputs (vhost-user messages with real fds, memory tables, ring
+addresses, hostile rings, scenario files) and its body asserts what must hold.
+The engine (``engine.py``) drives the property's ``fuzz_one_input`` from
+atheris (coverage-guided libFuzzer) in a child process, so a native crash or a
+hang costs that child only: the parent counts it and starts another.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    module: str          # holds ``PROPERTY``, a hypothesis @given function
+    description: str
+    instrument: tuple[str, ...] = ("ifcvf", "sim", "hal")
+
+
+TARGETS = {t.name: t for t in [
+    Target("codec", "ifcvf.tools.fuzz.codec",
+           "vhost-user framing and codec: messages (valid, mutated, random) split into chunks "
+           "with real fds over a socketpair, read by MessageReader and parsed"),
+    Target("backend", "ifcvf.tools.fuzz.backend",
+           "the back-end state machine on a simulated VF: sequences of valid, malformed and "
+           "out-of-order messages with real memfds, eventfds, memory tables, ring addresses and logs"),
+    Target("relay", "ifcvf.tools.fuzz.relay",
+           "the C used-ring relay on hostile rings (loops, out-of-range ids and addresses, long "
+           "chains, racing indices) against the Python oracle (needs the source tree's tests/)"),
+    Target("engines", "ifcvf.tools.fuzz.engines",
+           "the model's ring engines (sim._native) on random descriptor tables: every access "
+           "stays inside the mapping (needs the source tree's tests/)"),
+    Target("scenario", "ifcvf.tools.fuzz.scenario",
+           "scenario TOML files: valid, mistyped, out-of-range and unknown keys; only a "
+           "ScenarioError naming the problem"),
+]}
