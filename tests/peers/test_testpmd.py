@@ -53,6 +53,7 @@ class PmdProcess:
     """An interactive testpmd; ``lines`` is what it printed."""
 
     def __init__(self, binary: str, sock: str, prefix: str, mode: str):
+        self.prefix = prefix
         self.proc = subprocess.Popen(
             # Line-buffered: testpmd's printf output is read as it comes, not at exit.
             ["stdbuf", "-oL", binary, f"--file-prefix={prefix}", "--lcores", "0@0,1@1", "--no-pci", "--no-huge", "-m", "512",
@@ -113,6 +114,8 @@ class PmdProcess:
             except (OSError, subprocess.TimeoutExpired):
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(30)
+        # EAL leaves its runtime directory behind (one per --file-prefix).
+        shutil.rmtree(f"/var/run/dpdk/{self.prefix}", ignore_errors=True)
         return self.proc.returncode
 
 
