@@ -9,7 +9,6 @@ socket.  ``add`` and ``remove`` touch their own VF only; the control socket
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from ifcvf.tools.extras import require
@@ -182,6 +181,12 @@ class Daemon:
     def _log_counters(self, vf: ServedVf) -> None:
         # What the VF did, for whoever reads the log.
         log.info("%s: stats: %s", vf.path, self.stats(vf).summary())
+        if vf.model is not None:
+            # The model's own counters as it keeps them (the peer tests read this line).
+            stats = vf.model.datapath.stats()
+            stats["queues"] = {q: c for q, c in stats["queues"].items() if c["rounds"] or c["dropped"]}
+            errors = vf.model.errors
+            log.info("%s: stats %s%s", vf.model.name, stats, f", errors {errors}" if errors else "")
         if vf.wire is not None:
             log.info("%s: %s", vf.wire.name, vf.wire.counters())
 
