@@ -344,6 +344,63 @@ int64_t ifc_gvq_tx_reclaim(ifc_gvq *q)
     return ahead;
 }
 
+/* --- TX: one frame per slot, as a single descriptor (header + frame), a
+ * split pair (header, frame) or an indirect table of those two ---------- */
+
+/* Zero slot's net header and return where its frame goes. */
+static uint64_t tx_header(ifc_gvq *q, uint16_t slot)
+{
+    uint64_t buf = q->bufs + (uint64_t)slot * q->buf_size;
+    if (!(q->flags & (IFC_GVQ_F_TX_SPLIT | IFC_GVQ_F_TX_INDIRECT))) {
+        memset(q->mem + buf, 0, q->hdr_len);
+        return buf + q->hdr_len;
+    }
+    memset(q->mem + q->hdrs + 16ull * slot, 0, q->hdr_len);
+    return buf;
+}
+
+/* The largest frame a slot takes. */
+static uint32_t tx_room(const ifc_gvq *q)
+{
+    int single = !(q->flags & (IFC_GVQ_F_TX_SPLIT | IFC_GVQ_F_TX_INDIRECT));
+    return single ? q->buf_size - q->hdr_len : q->buf_size;
+}
+
+/* Write slot's descriptors for a len-byte frame; the chain's head. */
+static uint32_t tx_chain(ifc_gvq *q, uint16_t slot, uint32_t len)
+{
+    struct desc *desc = DESC(q);
+    uint32_t hdr = q->hdr_len;
+    uint64_t buf = q->bufs + (uint64_t)slot * q->buf_size;
+    if (q->flags & IFC_GVQ_F_TX_SPLIT) {
+        uint32_t head = 2u * slot;
+        desc[head] = (struct desc){q->hdrs + 16ull * slot, hdr, VRING_DESC_F_NEXT, (uint16_t)(head + 1)};
+        desc[head + 1] = (struct desc){buf, len, 0, 0};
+        return head;
+    }
+    if (q->flags & IFC_GVQ_F_TX_INDIRECT) {
+        uint64_t t = q->tables + 32ull * slot;
+        struct desc *table = (struct desc *)(void *)(q->mem + t);
+        table[0] = (struct desc){q->hdrs + 16ull * slot, hdr, VRING_DESC_F_NEXT, 1};
+        table[1] = (struct desc){buf, len, 0, 0};
+        desc[slot] = (struct desc){t, 32, VRING_DESC_F_INDIRECT, 0};
+        return slot;
+    }
+    desc[slot] = (struct desc){buf, hdr + len, 0, 0};
+    return slot;
+}
+
+/* The slot leaves the free list and its chain joins the avail ring (the
+ * index is published later, per batch). */
+static void tx_make_available(ifc_gvq *q, struct priv *pv, uint8_t *state, uint16_t slot,
+                              uint32_t head)
+{
+    pv->free_head++;
+    state[slot] = 1;
+    AVAIL_RING(q)[pv->avail_idx & (q->size - 1)] = (uint16_t)head;
+    pv->avail_idx++;
+}
+
 int64_t ifc_gvq_tx_post(ifc_gvq *q, uint32_t max, ifc_stream *s)
 {
     if (q == NULL || s == NULL || s->seq == NULL || s->sizes == NULL || !s->nflows || !s->nsizes
@@ -353,11 +410,7 @@ int64_t ifc_gvq_tx_post(ifc_gvq *q, uint32_t max, ifc_stream *s)
         return IFC_GERR_RING;
     struct priv *pv = PRIV(q);
     uint8_t *state = STATE(q, pv);
-    struct desc *desc = DESC(q);
-    uint16_t *ring = AVAIL_RING(q);
-    uint32_t mask = q->size - 1, smask = q->nslots - 1, hdr = q->hdr_len, bs = q->buf_size;
-    int split = (q->flags & IFC_GVQ_F_TX_SPLIT) != 0;
-    int indirect = (q->flags & IFC_GVQ_F_TX_INDIRECT) != 0;
+    uint32_t smask = q->nslots - 1;
     uint32_t n = num_free(pv);
     if (n > max)
         n = max;
@@ -368,38 +421,11 @@ int64_t ifc_gvq_tx_post(ifc_gvq *q, uint32_t max, ifc_stream *s)
             q->made_available += done;
             return fail(q, IFC_GVQ_E_PRIV, slot);
         }
-        uint64_t buf = q->bufs + (uint64_t)slot * bs;
-        uint32_t len, head;
-        if (!split && !indirect) {
-            memset(q->mem + buf, 0, hdr);
-            len = ifc__stream_emit(s, q->mem + buf + hdr, bs - hdr);
-            if (!len)
-                break;
-            desc[slot] = (struct desc){buf, hdr + len, 0, 0};
-            head = slot;
-        } else {
-            uint64_t h = q->hdrs + 16ull * slot;
-            memset(q->mem + h, 0, hdr);
-            len = ifc__stream_emit(s, q->mem + buf, bs);
-            if (!len)
-                break;
-            if (split) {
-                head = 2u * slot;
-                desc[head] = (struct desc){h, hdr, VRING_DESC_F_NEXT, (uint16_t)(head + 1)};
-                desc[head + 1] = (struct desc){buf, len, 0, 0};
-            } else {
-                uint64_t t = q->tables + 32ull * slot;
-                struct desc *table = (struct desc *)(void *)(q->mem + t);
-                table[0] = (struct desc){h, hdr, VRING_DESC_F_NEXT, 1};
-                table[1] = (struct desc){buf, len, 0, 0};
-                head = slot;
-                desc[slot] = (struct desc){t, 32, VRING_DESC_F_INDIRECT, 0};
-            }
-        }
-        pv->free_head++;
-        state[slot] = 1;
-        ring[pv->avail_idx & mask] = (uint16_t)head;
-        pv->avail_idx++;
+        uint64_t frame = tx_header(q, slot);
+        uint32_t len = ifc__stream_emit(s, q->mem + frame, tx_room(q));
+        if (!len)
+            break;
+        tx_make_available(q, pv, state, slot, tx_chain(q, slot, len));
     }
     q->made_available += done;
     if (done == 0 && n > 0)
@@ -588,48 +614,17 @@ int64_t ifc_gvq_tx_post_frame(ifc_gvq *q, const uint8_t *frame, uint32_t len)
         return IFC_GERR_ARG;
     if (q->error)
         return IFC_GERR_RING;
+    if (len > tx_room(q))
+        return IFC_GERR_ARG;
     struct priv *pv = PRIV(q);
     uint8_t *state = STATE(q, pv);
-    struct desc *desc = DESC(q);
-    uint16_t *ring = AVAIL_RING(q);
-    uint32_t mask = q->size - 1, smask = q->nslots - 1, hdr = q->hdr_len, bs = q->buf_size;
-    int split = (q->flags & IFC_GVQ_F_TX_SPLIT) != 0;
-    int indirect = (q->flags & IFC_GVQ_F_TX_INDIRECT) != 0;
-    if ((!split && !indirect && len > bs - hdr) || len > bs)
-        return IFC_GERR_ARG;
     if (num_free(pv) == 0)
         return 0;
-    uint16_t slot = pv->free[pv->free_head & smask];
+    uint16_t slot = pv->free[pv->free_head & (q->nslots - 1)];
     if (slot >= q->nslots || state[slot])
         return fail(q, IFC_GVQ_E_PRIV, slot);
-    uint64_t buf = q->bufs + (uint64_t)slot * bs;
-    uint32_t head;
-    if (!split && !indirect) {
-        memset(q->mem + buf, 0, hdr);
-        memcpy(q->mem + buf + hdr, frame, len);
-        desc[slot] = (struct desc){buf, hdr + len, 0, 0};
-        head = slot;
-    } else {
-        uint64_t h = q->hdrs + 16ull * slot;
-        memset(q->mem + h, 0, hdr);
-        memcpy(q->mem + buf, frame, len);
-        if (split) {
-            head = 2u * slot;
-            desc[head] = (struct desc){h, hdr, VRING_DESC_F_NEXT, (uint16_t)(head + 1)};
-            desc[head + 1] = (struct desc){buf, len, 0, 0};
-        } else {
-            uint64_t t = q->tables + 32ull * slot;
-            struct desc *table = (struct desc *)(void *)(q->mem + t);
-            table[0] = (struct desc){h, hdr, VRING_DESC_F_NEXT, 1};
-            table[1] = (struct desc){buf, len, 0, 0};
-            head = slot;
-            desc[slot] = (struct desc){t, 32, VRING_DESC_F_INDIRECT, 0};
-        }
-    }
-    pv->free_head++;
-    state[slot] = 1;
-    ring[pv->avail_idx & mask] = (uint16_t)head;
-    pv->avail_idx++;
+    memcpy(q->mem + tx_header(q, slot), frame, len);
+    tx_make_available(q, pv, state, slot, tx_chain(q, slot, len));
     q->made_available += 1;
     return 1;
 }
