@@ -22,12 +22,13 @@ SO_PEERCRED at accept, on top of the socket's mode.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import socket
 import struct
+
+from ifcvf.vhost.server import listen_unix
 
 log = logging.getLogger("ifcvf.control")
 
@@ -163,7 +164,7 @@ class ControlServer:
         self.server = daemon.server
         self.allowed_uids = allowed_uids if allowed_uids is not None else {os.geteuid(), 0}
         self.clients: set[_Client] = set()
-        self.listener = _listen(path)
+        self.listener = listen_unix(path, backlog=8)
         self.server.watch(self.listener, self._accept)
         log.info("control socket %s", path)
 
@@ -262,26 +263,6 @@ def _refuse(sock: socket.socket, error: str) -> None:
     sock.close()
 
 
-def _listen(path: str) -> socket.socket:
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)   # stale socket from a previous run
-        else:
-            raise OSError(errno.EADDRINUSE, f"{path} is already served by another process")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)   # created 0600
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    sock.listen(8)
-    sock.setblocking(False)
-    return sock
 
 
 # --- the client -------------------------------------------------------------------

@@ -45,6 +45,31 @@ def _request_name(frame) -> str:
         return "a message"
 
 
+def listen_unix(path: str, *, backlog: int) -> socket.socket:
+    """A non-blocking listening unix socket at ``path``, created 0600 (only our
+    user may connect).  A stale socket left by a dead process is replaced; one
+    that another process still serves is an error (EADDRINUSE)."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale socket from a previous run
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path} is already served by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
 @dataclass
 class Endpoint:
     """One socket path serving one VF."""
@@ -86,7 +111,7 @@ class VhostServer:
         ep = Endpoint(path, make_backend, client)
         self.endpoints.append(ep)
         if not client:
-            ep.listener = self._listen(path)
+            ep.listener = listen_unix(path, backlog=1)
             self.selector.register(ep.listener, selectors.EVENT_READ, ("listen", ep))
             log.info("listening on %s", path)
         else:
@@ -138,29 +163,6 @@ class VhostServer:
         """Run ``fn`` on the loop's thread at its next round (thread-safe)."""
         self._calls.append(fn)
         self.wake()
-
-    @staticmethod
-    def _listen(path: str) -> socket.socket:
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale socket from a previous run
-            else:
-                probe.close()
-                raise OSError(errno.EADDRINUSE, f"{path} is already served by another process")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)  # created 0600: only our user may drive the VF
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(1)
-        sock.setblocking(False)
-        return sock
 
     def _try_connect(self, ep: Endpoint) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
