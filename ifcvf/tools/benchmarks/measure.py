@@ -45,11 +45,28 @@ class FullResult:
         return self.sim_us / 1e6 / self.wall_s if self.wall_s else 0.0
 
 
+def tester_endpoints(world, stack, pairs: int, flows: int, burst: int, size: int):
+    """The far end of the VF's wire (the tester port), a sink for the guest's frames
+    and a 100 Gb/s generator towards it, steered over ``pairs`` RX queues by flow."""
+    from sim.traffic import Generator, Sink, steer_by_flow
+    from sim.wire import Port, connect
+
+    fn = stack.model
+    tester = Port(world, "tester", fn.config.wire_gbps)
+    connect(fn.port, tester)
+    fn.datapath.steer = steer_by_flow(pairs)
+    sink = Sink(world, tester, flows=flows, flow_base=stack.guest.tx_flow_base)
+    # Bursts of ~32 KiB, each from one flow: big enough that small frames cost
+    # little Python each, small enough not to be an mmap'd allocation.
+    gen_burst = max(burst, min(512, 32768 // size))
+    gen = Generator(world, tester, size, rate_gbps=100.0, burst=gen_burst, flows=flows,
+                    flow_run=gen_burst)
+    return tester, sink, gen
+
+
 def run_full(label: int, *, pairs: int, queue_size: int, burst: int, seed: int,
              sim_us: float | None) -> FullResult:
     """Generator -> wire -> VF RX engine -> guest; guest -> VF TX engine -> wire -> sink."""
-    from sim.traffic import Generator, Sink, steer_by_flow
-    from sim.wire import Port, connect
     from sim.world import World
 
     size = frame_size(label)
@@ -61,15 +78,7 @@ def run_full(label: int, *, pairs: int, queue_size: int, burst: int, seed: int,
                         tx_rate_gbps=100.0, tx_sizes=size, tx_flows=4, rx_flows=flows)
     try:
         guest, fn = stack.guest, stack.model
-        tester = Port(world, "tester", fn.config.wire_gbps)
-        connect(fn.port, tester)
-        fn.datapath.steer = steer_by_flow(pairs)
-        sink = Sink(world, tester, flows=flows, flow_base=guest.tx_flow_base)
-        # Bursts of ~32 KiB, each from one flow: big enough that small frames cost
-        # little Python each, small enough not to be an mmap'd allocation.
-        gen_burst = max(burst, min(512, 32768 // size))
-        gen = Generator(world, tester, size, rate_gbps=100.0, burst=gen_burst, flows=flows,
-                        flow_run=gen_burst)
+        tester, sink, gen = tester_endpoints(world, stack, pairs, flows, burst, size)
         pcie0 = fn.datapath.stats()["pcie"]
         guest.start()
         gen.start()
@@ -178,8 +187,6 @@ def run_direction(label: int, direction: str, *, pairs: int = 4, queue_size: int
     ``free_guest``: the guest's CPU costs next to nothing (``FREE_GUEST``), so
     what binds is the device, PCIe or the wire."""
     from sim.guest import GuestCosts
-    from sim.traffic import Generator, Sink, steer_by_flow
-    from sim.wire import Port, connect
     from sim.world import World
 
     if direction not in ("rx", "tx"):
@@ -193,13 +200,7 @@ def run_direction(label: int, direction: str, *, pairs: int = 4, queue_size: int
                         tx_flows=4, rx_flows=flows, **kw)
     try:
         guest, fn = stack.guest, stack.model
-        tester = Port(world, "tester", fn.config.wire_gbps)
-        connect(fn.port, tester)
-        fn.datapath.steer = steer_by_flow(pairs)
-        sink = Sink(world, tester, flows=flows, flow_base=guest.tx_flow_base)
-        gen_burst = max(burst, min(512, 32768 // size))
-        gen = Generator(world, tester, size, rate_gbps=100.0, burst=gen_burst, flows=flows,
-                        flow_run=gen_burst)
+        tester, sink, gen = tester_endpoints(world, stack, pairs, flows, burst, size)
         guest.start()
         if direction == "rx":
             gen.start()
