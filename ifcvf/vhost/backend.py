@@ -585,6 +585,7 @@ class VhostBackend:
             raise Refused(f"vring {v.index}: base {base:#x} does not fit a split ring's 16-bit index")
         self._not_while_running(v, "set base")
         v.last_avail = v.last_used = base
+        log.info("%s: SET_VRING_BASE %d <- %d", self.name, v.index, base)
         return None
 
     def _on_get_vring_base(self, msg):
