@@ -31,13 +31,6 @@ def host():
     h.close()
 
 
-@pytest.fixture
-def ram():
-    mem = HostMemory(16 * MiB, "guest")
-    yield mem
-    mem.close()
-
-
 def rings_for(pairs, size=256, base=0x10_0000):
     rings = []
     for q in range(2 * pairs):

@@ -70,13 +70,6 @@ def host():
     h.close()
 
 
-@pytest.fixture
-def ram():
-    mem = HostMemory(16 * MiB, "guest")   # needs a log of 512 bytes
-    yield mem
-    mem.close()
-
-
 def connected(host, ram):
     vf = host.add_vf(IfcvfConfig(queue_pairs=1))
     fe = host.connect(vf)

@@ -37,13 +37,6 @@ def host():
     h.close()
 
 
-@pytest.fixture
-def ram():
-    mem = HostMemory(16 * MiB, "guest")
-    yield mem
-    mem.close()
-
-
 def running_vf(host, ram, name):
     """A VF serving a guest's two rings through its own connection."""
     vf = host.add_vf(IfcvfConfig(queue_pairs=1))
