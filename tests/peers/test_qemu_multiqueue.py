@@ -59,6 +59,18 @@ def queue_stats(control: Path) -> tuple[dict[int, int], dict[int, bool]]:
             {q["index"]: q["running"] for q in vf["queues"]})
 
 
+def stats_when(control: Path, done, what: str, timeout: float = 20.0):
+    """queue_stats once ``done(counters, running)`` holds: polled, bounded in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counters, running = queue_stats(control)
+        if done(counters, running):
+            return counters, running
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout} s; last: {counters}, running {running}")
+        time.sleep(0.05)
+
+
 def mq_config(sock: Path, qmp: Path):
     config = vhost_user_config(sock, qmp)
     args = config.extra_qemu_args
@@ -94,8 +106,10 @@ def run(guest_env) -> dict:
             log_start = len(serve.lines)
             udp.send(frame("set", token, combined, GUEST_MAC, HOST_MAC, 64))
             got = guest.wait_for(rf"^QEMU-MQ COMBINED {combined} (\d+)$", timeout=60)
-            time.sleep(1.0)          # QEMU's SET_VRING_ENABLE follow the guest's ctrl command
-            before, _ = queue_stats(control)
+            # QEMU's SET_VRING_ENABLE follow the guest's ctrl command, not before it.
+            want = set(range(2 * combined))
+            before, _ = stats_when(control, lambda c, r: {q for q, on in r.items() if on} == want,
+                                   f"rings {sorted(want)} running")
             udp.send(frame("send", token, phase, GUEST_MAC, HOST_MAC, 64))
             guest.wait_for(rf"^QEMU-MQ SENT {phase}$", timeout=60)
             tx: list[int] = []
@@ -112,8 +126,16 @@ def run(guest_env) -> dict:
                     if parse_tag(data) == ("pong", token, phase * 100 + i):
                         pongs += 1
                         break
-            time.sleep(0.5)
-            after, running = queue_stats(control)
+            # The VF's counters settle once the last pong's frames are through:
+            # two reads in a row agree.
+            last: dict[str, dict] = {}
+
+            def settled(counters, _running) -> bool:
+                same = last.get("counters") == counters
+                last["counters"] = counters
+                return same
+
+            after, running = stats_when(control, settled, "the VF's queue counters to settle")
             result["phases"].append({
                 "combined": combined, "now": int(got.group(1)), "tx": tx, "pongs": pongs,
                 "delta": {q: after[q] - before[q] for q in after},
