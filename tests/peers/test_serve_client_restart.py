@@ -39,7 +39,8 @@ back-end is set up again, with the link down:
   tx_packets (counted on completion) once settled.  Checked, non-vacuously:
   the serve is frozen (SIGSTOP) for STALL_S first, so a couple of hundred
   requests are in flight when it is killed; SET_VRING_BASE(1) minus the
-  frames the old serve put on its wire is that number, and no echo
+  frames the old serve put on its wire is that number (plus what the guest's
+  qdisc posts after the kill, before the link-down reaches it), and no echo
   request's sequence number appears on both serves' wires (nothing is sent
   twice).  While the link is down the guest's carrier is off and its stack
   drops further pings (the sequence numbers show the gap).
@@ -87,7 +88,6 @@ STALL_S = 0.5                 # the serve frozen (SIGSTOP) before the kill: TX p
 DEAD_S = 1.0                  # how long no serve runs, while the guest keeps sending
 RESUME_TIMEOUT_S = 30.0       # RX must grow again within this of the new serve starting
 KERNEL_ARGS = "quiet ifcvf_hold=1"
-RING = 256                    # QEMU's virtio-net rings (SET_VRING_NUM)
 
 
 class SeqReflector(Reflector):
@@ -241,7 +241,13 @@ def test_kill_and_restart_serve_client_under_traffic(guest_env):
             f"SET_VRING_BASE(1) {bases[1]} is not the guest's completed TX {tx_settled}: {report}")
         lost = (bases[1] - first_wire) % 65536
         report["tx_in_flight_at_kill_lost"] = lost
-        assert 0 < lost <= RING, f"no TX in flight at the kill (vacuous), or more than a ring: {report}"
+        # Non-vacuous: the freeze left a good share of STALL_S / PING_INTERVAL_S requests
+        # unanswered.  No fixed upper bound: at most a ring (256) was in flight at the kill, but
+        # once QEMU completes them the guest's qdisc backlog drains into the ring before
+        # the link-down reaches it, and QEMU drops those too.  What must hold is that
+        # every TX the guest had counted before the freeze was on the old serve's wire.
+        assert lost >= STALL_S / PING_INTERVAL_S / 5, f"too little TX in flight at the kill: {report}"
+        assert first_wire >= tx_before, f"TX counted as sent but never on a wire: {report}"
         # None of them is sent by the new serve: no echo request's sequence number is
         # on both serves' wires, and between the last the first serve sent and the first
         # the new one sent at least the in-flight ones are missing.
