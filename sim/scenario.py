@@ -59,6 +59,9 @@ SCHEMA: dict[str, list[Key]] = {
         _key("queue_size", int, 256, "ring size of every queue", check=_pow2(2, 32768)),
         _key("ring_base", int, 0, "index the rings start (or resume) at", check=_range(0, 0xFFFF)),
         _key("guest_memory_mib", int, 64, "guest RAM in MiB", check=_range(4, 16384)),
+        _key("guest_used_fraction", float, 1.0, "share of the guest RAM beyond its rings and "
+             "buffers that it wrote before the run (kernel, page cache, heap); the rest was never "
+             "written and migrates as zero pages, as in QEMU", check=_range(0.0, 1.0)),
         _key("front_end", str, "qemu-7.2", "whose vhost-user message order",
              choices=("qemu-7.2", "dpdk-virtio-user")),
         _key("status", bool, True, "offer the STATUS protocol feature"),

@@ -21,6 +21,49 @@
 int64_t ifc_log_fetch_clear(uint8_t *log, uint64_t log_size, uint8_t *out);
 
 /* ==========================================================================
+ * QEMU's RAM migration stream (sim/migration.py, csrc/sim/qemu_ram.c).
+ * Guest RAM is a memfd: pages nobody wrote are holes, found with
+ * lseek(SEEK_DATA/SEEK_HOLE) and never touched, so resident memory follows the
+ * pages the guest used, not its size.
+ * ========================================================================== */
+#define IFC_RAM_PAGE 4096
+#define IFC_RAM_PAGE_HEADER 8     /* QEMU's be64 (page offset | flags) before each page */
+
+/* One side's RAM: its mapping, and the file (and offset in it) it maps. */
+struct ifc_ram {
+    uint8_t *mem;
+    uint64_t pages;
+    int fd;
+    int64_t offset;
+};
+
+struct ifc_ram_sent {
+    uint64_t consumed;       /* pages of the list handled */
+    uint64_t bytes;          /* bytes on the migration stream */
+    uint64_t zero_pages;     /* sent as zero-page records (never written, or all zeros) */
+    uint64_t normal_pages;   /* sent whole */
+};
+
+/* Send pages[0..n) (page numbers, ascending for speed) from src to dst as
+ * QEMU does, until ``budget`` stream bytes are reached: a zero page becomes a
+ * 9-byte record and is written at dst only if dst's page is not zero already;
+ * any other page is copied.  Returns the pages handled (also in
+ * sent->consumed), IFC_ERR_RANGE for a page outside either RAM, IFC_ERR_ARG. */
+int64_t ifc_ram_send(const struct ifc_ram *src, const struct ifc_ram *dst,
+                     const uint32_t *pages, uint64_t n, uint64_t budget,
+                     struct ifc_ram_sent *sent);
+
+/* The pages whose contents differ between a and b (holes read as zeros, and
+ * are never touched); the first max_out are stored in out.  Returns how many
+ * differ, or IFC_ERR_ARG. */
+int64_t ifc_ram_compare(const struct ifc_ram *a, const struct ifc_ram *b,
+                        uint32_t *out, uint64_t max_out);
+
+/* Fill npages pages from first_page with deterministic non-zero data: memory a
+ * running guest has used (its kernel, page cache, heap). */
+void ifc_ram_fill(uint8_t *mem, uint64_t first_page, uint64_t npages, uint64_t seed);
+
+/* ==========================================================================
  * Guest side of the simulated datapath (sim/traffic.py, sim/guest.py).
  * Sources: csrc/sim/guest_frames.c (test frames, checker),
  * csrc/sim/guest_ring.c (a guest virtio-net driver's split-ring work).  Every function works on a

@@ -17,7 +17,9 @@ def scenario(seed, mode, pairs, rx, tx, size, warmup, chain_ring):
                               queue_pairs=pairs, queue_size=chain_ring, guest_memory_mib=8)
     sections["traffic"].update(rx_gbps=rx, tx_gbps=tx, frame_size=size, warmup_us=warmup,
                                duration_us=150.0)
-    sections["migration"].update(bandwidth_mib_s=2048.0, downtime_limit_ms=1.0)
+    # The main job's guest CPU workload and 10 Gb/s link would not converge within
+    # 1 ms in an 8 MiB guest: this property is about the VF's traffic, not them.
+    sections["migration"].update(bandwidth_mib_s=2048.0, downtime_limit_ms=1.0, guest_dirty_mib_s=0.0)
     return BASE.__class__(**{**BASE.__dict__, "seed": seed, "device": {"queue_pairs": pairs},
                              "sections": sections})
 

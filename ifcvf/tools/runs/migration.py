@@ -43,6 +43,7 @@ from ifcvf.vhost.protocol import log_size
 from sim._native import lib
 from sim.migration import (CpuDirtyTracker, Outcome, PreCopy, PreCopyConfig,
                            regions_of)
+from sim.ramstream import fill_used
 from sim.scenario import Scenario, device_config
 from sim import virtio_regs as vr
 from sim.announce import AnnounceParams, VirtioNetAnnounce, announce_self
@@ -112,6 +113,8 @@ class MigrationRun:
                      tx_pattern=pattern["pattern"], tx_burst=pattern["burst"],
                      tx_on_us=pattern["on_us"], tx_off_us=pattern["off_us"],
                      link_up_announce=True)
+        if scenario.kind == "migration":
+            self._fill_used_ram(drv["guest_used_fraction"], scenario.seed)
         self.style, self.status = drv["front_end"], drv["status"]
         wanted = SUPPORTED_FEATURES
         if not drv["event_idx"]:
@@ -332,6 +335,13 @@ class MigrationRun:
         stall["offered_during"] = self.offered[stall["queue"] // 2] - stall["offered_before"]
 
     # --- migration ---------------------------------------------------------------
+    def _fill_used_ram(self, fraction: float, seed: int) -> None:
+        """The RAM the guest used before the run: data after its rings and buffers.
+        Never-written pages stay holes in the memfd and cost no memory."""
+        first = -(-self.vm.layout_end // PAGE)
+        pages = int((self.vm.ram.size // PAGE - first) * fraction)
+        fill_used(self.vm.ram, first, pages, seed)
+
     def _cpu_ranges(self) -> list[tuple[int, int]]:
         """What the guest's CPU writes as it runs: ring metadata, private blocks, TX buffers."""
         ranges = []
@@ -702,7 +712,8 @@ class MigrationRun:
                 "per_iteration": [
                     {"leg": i, "iteration": it.index, "pages_copied": it.pages_copied,
                      "dirty_log_pages": it.dirty_log_pages, "dirty_cpu_pages": it.dirty_cpu_pages,
-                     "remaining_pages": it.remaining_pages, "duration_us": round(it.duration_ns / 1000, 3)}
+                     "remaining_pages": it.remaining_pages, "duration_us": round(it.duration_ns / 1000, 3),
+                     "stream_bytes": it.stream_bytes, "zero_pages": it.zero_pages}
                     for i, l in enumerate(self.legs) for it in l.outcome.iterations],
                 "bases": {f"{l.src}->{l.dst}": l.outcome.bases for l in self.legs},
                 "skipped_dirty_marks": sorted({p for l in self.legs for p in l.skipped_pages}),

@@ -1,7 +1,8 @@
 """Run a scenario by kind and render its results with rich."""
 from __future__ import annotations
 
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn)
 from rich.table import Table
 
 from hal.api import HalError
@@ -24,11 +25,16 @@ def run(scenario, console, plot=None) -> dict:
         show_bringup(result, console)
         return result.to_json()
     from ifcvf.tools.runs import migration
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("starting", total=None)
 
         def on_phase(phase, info):
+            if phase == "copy":     # pages of the current pass sent so far
+                progress.update(task, description=f"{info['what']}: pages sent",
+                                completed=info["done"], total=info["total"])
+                return
             it = info.get("iteration")
             what = (f"iteration {it.index}: copied {it.pages_copied} pages, {it.remaining_pages} dirty"
                     if it else phase)
@@ -84,10 +90,12 @@ def show_migration(result: dict, console) -> None:
     mig = result.get("migration")
     if mig:
         its = Table(title=f"pre-copy ({mig['mode']} dirty logging)")
-        for col in ("leg", "iteration", "pages copied", "dirty: log", "dirty: guest CPU", "remaining", "us"):
+        for col in ("leg", "iteration", "pages sent", "of them zero", "stream MiB", "dirty: log",
+                    "dirty: guest CPU", "remaining", "us"):
             its.add_column(col, justify="right")
         for it in mig["per_iteration"]:
             its.add_row(str(it["leg"]), str(it["iteration"]), str(it["pages_copied"]),
+                        str(it["zero_pages"]), f"{it['stream_bytes'] / (1 << 20):.1f}",
                         str(it["dirty_log_pages"]), str(it["dirty_cpu_pages"]),
                         str(it["remaining_pages"]), f"{it['duration_us']:.1f}")
         console.print(its)
