@@ -20,7 +20,8 @@ def test_bench_sim_help_explains_the_columns(capsys):
     except SystemExit as e:
         assert e.code == 0
     out = capsys.readouterr().out
-    for word in ("frames/wall-s", "sim/wall", "binds", "--json", "1518-byte"):
+    for word in ("frames/wall-s", "sim/wall", "binds", "--json", "1518-byte", "copy limit",
+                 "copy_limit_frames_per_s"):
         assert word in out
 
 
@@ -34,6 +35,13 @@ def test_bench_sim_writes_json(tmp_path, capsys):
     assert set(data["sim_to_wall_ratio"]) == {"64", "1500"}
     assert all(v > 0 for v in data["frames_per_wall_s"].values())
     assert "pipeline" in data
+    # The copy limit, keyed like frames_per_wall_s, follows from the measured memcpy
+    # bandwidth and the bytes each frame moves: 4 L + 12 for L = size without FCS.
+    assert set(data["copy_limit_frames_per_s"]) == {"64", "1500"}
+    copy = data["memcpy_bytes_per_s"]
+    assert copy > 0
+    for size, frame_len in (("64", 60), ("1500", 1514)):
+        assert data["copy_limit_frames_per_s"][size] == pytest.approx(2 * copy / (4 * frame_len + 12))
     assert set(data["directions"]) == {"64", "1500"}
     for size in ("64", "1500"):
         for d in ("rx", "tx"):
