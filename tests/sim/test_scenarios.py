@@ -188,3 +188,12 @@ def test_new_keys_get_clear_errors(tmp_path, body, words):
     for word in words:
         assert word in str(err.value)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scenarios/scale").glob("*.toml")), ids=lambda p: p.stem)
+def test_scale_scenarios_load(path):
+    """The scale yardsticks (scenarios/scale/: tens of seconds each, run by hand for
+    the numbers in the README) stay valid scenarios."""
+    scenario = load(path)
+    assert scenario.kind == "migration"
+    assert scenario.section("driver")["guest_memory_mib"] >= 1024
