@@ -117,8 +117,11 @@ def _text(code: int) -> str:
 class Datapath:
     """The device side of one VF's datapath: PCIe link, wire port, dirty log, RX steering.
 
-    ``steer``: None sends every received frame to the RX queue of pair 0;
-    a callable ``steer(batch) -> pair`` picks the pair for each received batch.
+    ``steering``: a ``sim.steering.FlowSteering`` (what `ifcvf serve` installs)
+    learns each transmitted batch's flows and splits each received batch by
+    flow over the pairs in use.  Without it, ``steer``: None sends every
+    received frame to the RX queue of pair 0; a callable ``steer(batch) ->
+    pair`` picks the pair for each received batch (the scenarios' test frames).
     """
 
     def __init__(self, fn):
@@ -139,6 +142,7 @@ class Datapath:
         self.kick_to_fetch = fn.world.cycles(cfg.kick_to_fetch_ns)
         self.tx_drain = int(cfg.tx_buffer_bytes * 8 * fn.world.clock_hz // (cfg.wire_gbps * 10**9))
         self.steer: Callable[[FrameBatch], int] | None = None
+        self.steering = None        # sim.steering.FlowSteering
         self.rx_no_queue = 0
         # Dirty logging state shared by the RX engines (one bitmap per function).
         self.log = ffi.new("struct ifc_dp_log *")
@@ -227,7 +231,13 @@ class Datapath:
     # --- the wire -----------------------------------------------------------------
     def receive(self, batch: FrameBatch) -> None:
         """Frames from the port (called at the last frame's arrival)."""
-        pair = self.steer(batch) if self.steer is not None else 0
+        if self.steering is not None:
+            for pair, part in self.steering.split(batch):
+                self._deliver(pair, part)
+            return
+        self._deliver(self.steer(batch) if self.steer is not None else 0, batch)
+
+    def _deliver(self, pair: int, batch: FrameBatch) -> None:
         qid = 2 * pair
         engine = self.fn.queues[qid].engine if 0 <= pair < self.config.queue_pairs else None
         if not isinstance(engine, RxEngine):
@@ -242,9 +252,12 @@ class Datapath:
             engine = queue.engine
             if isinstance(engine, _Engine):
                 queues[queue.index] = engine.counters()
-        return {"queues": queues, "port": self.port.counters(), "log": self.log_counts(),
-                "rx_no_queue": self.rx_no_queue,
-                "pcie": {"up_bytes": self.link.up_bytes, "down_bytes": self.link.down_bytes}}
+        stats = {"queues": queues, "port": self.port.counters(), "log": self.log_counts(),
+                 "rx_no_queue": self.rx_no_queue,
+                 "pcie": {"up_bytes": self.link.up_bytes, "down_bytes": self.link.down_bytes}}
+        if self.steering is not None:
+            stats["steering"] = self.steering.counters()
+        return stats
 
 
 class _Engine:
@@ -595,6 +608,8 @@ class TxEngine(_Engine):
                 out_bytes = r.out_bytes
                 batch = FrameBatch(memoryview(out)[:out_bytes], lengths, _ZERO_TIME * frames)
                 self._out = None          # the batch has it now
+                if dp.steering is not None:
+                    dp.steering.learn(self.qid // 2, batch)
                 wire_done = dp.port.transmit(batch, now, ready=self._ready)
                 self.frames += frames
                 self.bytes += out_bytes

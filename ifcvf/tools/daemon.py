@@ -99,8 +99,12 @@ class Daemon:
                 raise AddError(str(err)) from None
             model = None
             if is_sim(device):
+                from sim.steering import install
                 model = fn.model
                 self._sim_index += 1
+                # Multiqueue RX as a virtio-net device without RSS does it: by
+                # the pair each flow last transmitted on (sim/steering.py).
+                install(model)
                 if self.world is None:
                     from sim.realtime import RealtimeClock
                     self.world = fn.world

@@ -4,6 +4,8 @@
                     time (builds rings, hostile ones included; reads what the device wrote);
 - ``guest_testdev`` stand-ins for the device side (``RingDevice``, ``NullDevice``,
                     ``LinePort``) to test or benchmark the guest model and traffic alone;
+- ``flows``         UDP/IPv4 and IPv6 test frames of a guest's flows and their answers
+                    (for the receive steering, ``sim.steering``);
 - ``enginebench``   the device side alone, flat out (``python -m sim.testing.enginebench``).
 
 Nothing outside tests/, ``sim.testing`` itself and the benchmarks of
