@@ -17,10 +17,17 @@ running again; the VF's per-queue frame counters for each phase: with 2 pairs
 both TX queues carry frames, with 1 pair pair 1 carries nothing and pair 0
 keeps going.  About 15 s on the development machine (9 s booting).
 
-RX: `ifcvf serve --wire` steers nothing (sim/engines.py ``receive``: no
-``steer`` -> every frame from the wire goes to pair 0's RX queue), so the
-host's frames reach the guest on RX queue 0 in every phase; the test asserts
-that, and that RX queue 1 never carries a frame.
+RX: the simulated VF steers as a multiqueue virtio-net device without RSS
+does (virtio 1.1 5.1.6.5.5, sim/steering.py): a flow's received frames go
+to the RX queue of the pair it last transmitted on, never to a pair beyond
+the ones in use.  Each CPU's frames are one UDP flow (its own source port);
+the host answers every frame of both flows.  Asserted: with 2 pairs the
+answers to CPU 0's flow land on RX queue 0 and those to CPU 1's flow on RX
+queue 2 (each >= TX_PER_CPU frames); with 1 pair RX queue 2 carries nothing,
+not even answers to a flow that pair 1 carried before the switch (the host
+sends those first, before the guest transmits again); every answer reaches
+the guest's packet socket, and every frame the host sent in a phase is
+counted on RX queue 0 or 2.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ import pytest
 
 from guest import NIC_MAC, host_python
 from guest_qemu_frontend import HOST_MAC, frame, parse_tag
+from guest_qemu_multiqueue import GUEST_IP, HOST_IP, PEER_PORT, flow_port, parse_udp, udp_frame
 from qemu_peer import Serve, UdpEnd, vhost_user_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +53,7 @@ GUEST_MAC = bytes.fromhex(NIC_MAC.replace(":", ""))
 PER_CPU = 12
 PINGS = 8
 PHASES = (2, 1, 2)
+STALE = 4          # answers per CPU flow sent right after a switch, before the guest transmits
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
@@ -110,17 +119,35 @@ def run(guest_env) -> dict:
             want = set(range(2 * combined))
             before, _ = stats_when(control, lambda c, r: {q for q, on in r.items() if on} == want,
                                    f"rings {sorted(want)} running")
+            sent = 0          # frames the host sends the guest in this phase
+            if phase:
+                # Answers on the flows as the last phase left them (learned on
+                # its pairs): with fewer pairs now, none may use pair 1.
+                for cpu in (0, 1):
+                    for i in range(STALE):
+                        udp.send(answer(token, cpu, phase * 1000 + 500 + cpu * 10 + i))
+                sent += 2 * STALE
             udp.send(frame("send", token, phase, GUEST_MAC, HOST_MAC, 64))
+            sent += 1
             guest.wait_for(rf"^QEMU-MQ SENT {phase}$", timeout=60)
-            tx: list[int] = []
+            tx: list[tuple[int, int]] = []
             deadline = time.monotonic() + 30
             while len(tx) < 2 * PER_CPU and (data := udp.receive(deadline - time.monotonic())):
-                tag = parse_tag(data)
-                if tag and tag[0] == "tx" and tag[1] == token:
-                    tx.append(tag[2])
+                tag = parse_udp(data)
+                if tag and tag[2] == "tx" and tag[3] == token and tag[1] == PEER_PORT:
+                    tx.append((tag[0], tag[4]))
+            # Every frame of both flows answered, once all of them went out.
+            for port, index in tx:
+                udp.send(answer(token, port - flow_port(0), index))
+            sent += len(tx)
+            answers = len(tx) + (2 * STALE if phase else 0)
+            udp.send(frame("report", token, phase * 10000 + answers, GUEST_MAC, HOST_MAC, 64))
+            sent += 1
+            received = guest.wait_for(rf"^QEMU-MQ RECEIVED {phase} (\d+)$", timeout=60)
             pongs = 0
             for i in range(PINGS):
                 udp.send(frame("ping", token, phase * 100 + i, GUEST_MAC, HOST_MAC, 96))
+                sent += 1
                 deadline = time.monotonic() + 10
                 while (data := udp.receive(deadline - time.monotonic())):
                     if parse_tag(data) == ("pong", token, phase * 100 + i):
@@ -138,6 +165,7 @@ def run(guest_env) -> dict:
             after, running = stats_when(control, settled, "the VF's queue counters to settle")
             result["phases"].append({
                 "combined": combined, "now": int(got.group(1)), "tx": tx, "pongs": pongs,
+                "sent": sent, "answers": answers, "received": int(received.group(1)),
                 "delta": {q: after[q] - before[q] for q in after},
                 "running": sorted(q for q, on in running.items() if on),
                 "log": serve.lines[log_start:]})
@@ -160,6 +188,12 @@ def run(guest_env) -> dict:
             print("--- ifcvf serve log ---\n" + "\n".join(result.get("serve_log", [])[-80:]))
             print("--- console ---\n" + result.get("console", "")[-3000:])
     return result
+
+
+def answer(token: str, cpu: int, index: int) -> bytes:
+    """The host's answer on CPU ``cpu``'s flow: UDP from PEER_PORT to the guest's port."""
+    return udp_frame(GUEST_MAC, HOST_MAC, HOST_IP, GUEST_IP, PEER_PORT, flow_port(cpu),
+                     "rx", token, index)
 
 
 def enables(lines: list[str]) -> int:
@@ -188,9 +222,10 @@ def test_the_back_end_stops_and_restarts_pair_1(run):
 
 
 def test_every_frame_crosses(run):
-    for p in run["phases"]:
-        assert sorted(p["tx"]) == sorted(run["phases"].index(p) * 1000 + cpu * 100 + i
+    for phase, p in enumerate(run["phases"]):
+        assert sorted(p["tx"]) == sorted((flow_port(cpu), phase * 1000 + cpu * 100 + i)
                                          for cpu in (0, 1) for i in range(PER_CPU)), p["tx"]
+        assert p["received"] == p["answers"], p
         assert p["pongs"] == PINGS, p
 
 
@@ -205,9 +240,17 @@ def test_pair_1_stops_with_one_pair_while_pair_0_goes_on(run):
     assert d[2] == 0 and d[3] == 0, d
 
 
-def test_rx_from_the_wire_lands_on_pair_0(run):
-    for p in run["phases"]:
-        assert p["delta"][0] >= PINGS and p["delta"][2] == 0, p["delta"]
+def test_with_two_pairs_each_flow_is_answered_on_its_own_pair(run):
+    """CPU 0's flow left on pair 0 and CPU 1's on pair 1: so do their answers."""
+    for p in (run["phases"][0], run["phases"][2]):
+        assert p["delta"][0] >= PER_CPU and p["delta"][2] >= PER_CPU, p["delta"]
+        assert p["delta"][0] + p["delta"][2] == p["sent"], p
+
+
+def test_with_one_pair_rx_queue_2_carries_nothing(run):
+    """Even the answers to the flow pair 1 carried before the switch land on RX queue 0."""
+    p = run["phases"][1]
+    assert p["delta"][2] == 0 and p["delta"][0] == p["sent"], p
 
 
 def test_the_back_end_exits_cleanly(run):
