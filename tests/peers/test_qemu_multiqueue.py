@@ -23,7 +23,7 @@ to the RX queue of the pair it last transmitted on, never to a pair beyond
 the ones in use.  Each CPU's frames are one UDP flow (its own source port);
 the host answers every frame of both flows.  Asserted: with 2 pairs the
 answers to CPU 0's flow land on RX queue 0 and those to CPU 1's flow on RX
-queue 2 (each >= TX_PER_CPU frames); with 1 pair RX queue 2 carries nothing,
+queue 2 (each >= PER_CPU frames); with 1 pair RX queue 2 carries nothing,
 not even answers to a flow that pair 1 carried before the switch (the host
 sends those first, before the guest transmits again); every answer reaches
 the guest's packet socket, and every frame the host sent in a phase is
