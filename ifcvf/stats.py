@@ -42,8 +42,15 @@ class DeviceQueueCounters:
     chains: int = 0          # descriptor chains completed (used entries written)
     frames: int = 0
     bytes: int = 0
-    dropped: int = 0         # frames dropped (no buffer, or not placed)
-    bad_descriptors: int = 0  # chains refused (runts, oversize, invalid buffers)
+    dropped: int = 0         # frames dropped, every reason (the sum of ``drops``)
+    bad_descriptors: int = 0  # TX chains refused (runts, oversize)
+    #: Dropped frames by reason, every reason the device counts (zeros included).
+    #: RX: ``fifo_full`` (no room to wait for buffers), ``not_running`` (arrived while
+    #: the queue did not run), ``flushed_at_stop`` (waiting when the queue stopped),
+    #: ``too_big`` (bigger than the buffer chain, without MRG_RXBUF), ``oversize``
+    #: (longer than the MTU allows).  TX: ``runt`` (shorter than a header and a
+    #: minimal frame), ``oversize``.
+    drops: dict[str, int] = field(default_factory=dict)
     kicks: int = 0           # doorbell writes the device took
     interrupts: int = 0      # interrupts it raised
     last_avail: int = 0
@@ -122,6 +129,7 @@ class VfStats:
             if q.device is not None:
                 counts.update({f"dev_{k}": v for k, v in asdict(q.device).items()
                                if v and k in ("chains", "frames", "bytes", "dropped", "bad_descriptors")})
+                counts.update({f"dev_drop_{k}": v for k, v in q.device.drops.items() if v})
             if counts or q.broken:
                 busy.append(f"q{q.index} {counts}" + (f" broken: {q.broken}" if q.broken else ""))
         m = self.migration

@@ -635,9 +635,15 @@ class TxEngine(_Engine):
         elif self._go_idle():
             self._schedule(self._slot(now))
 
+    def drops(self) -> dict[str, int]:
+        """Dropped frames by reason (they add up to ``dropped``): chains shorter than the
+        header plus a minimal frame, and frames longer than the MTU allows."""
+        return {"runt": getattr(self, "runts", 0), "oversize": getattr(self, "oversize", 0)}
+
     def counters(self) -> dict:
         c = super().counters()
-        c.update(runts=getattr(self, "runts", 0), oversize=getattr(self, "oversize", 0))
+        c.update(runts=getattr(self, "runts", 0), oversize=getattr(self, "oversize", 0),
+                 drops=self.drops())
         return c
 
 
@@ -817,9 +823,17 @@ class RxEngine(_Engine):
         if fifo:
             self._schedule(self._slot(now))
 
+    def drops(self) -> dict[str, int]:
+        """Dropped frames by reason (they add up to ``dropped``): no room in the RX FIFO;
+        arrived while the queue did not run; waiting in the FIFO when the queue stopped;
+        bigger than the buffer chain without MRG_RXBUF; longer than the MTU allows."""
+        return {"fifo_full": self.fifo_drops, "not_running": self.not_running_drops,
+                "flushed_at_stop": self.stop_drops, "too_big": self.too_big,
+                "oversize": self.oversize}
+
     def counters(self) -> dict:
         c = super().counters()
-        c.update(fifo_drops=self.fifo_drops, not_running_drops=self.not_running_drops,
+        c.update(drops=self.drops(), fifo_drops=self.fifo_drops, not_running_drops=self.not_running_drops,
                  stop_drops=self.stop_drops, too_big=self.too_big, oversize=self.oversize,
                  starvations=self.starvations, fifo_frames=self._cfifo.frames)
         return c

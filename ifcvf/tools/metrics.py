@@ -7,7 +7,11 @@ scrape never reads the driver while the loop changes it.  Names and labels
 follow Prometheus conventions: ``ifcvf_`` prefix, base units (seconds,
 bytes), counters end in ``_total``, states as one 0/1 sample per value.
 Labels: ``vf`` (the vhost-user socket path), ``queue`` (vring index),
-``direction`` (rx for even vrings, tx for odd).
+``direction`` (rx for even vrings, tx for odd), and on dropped frames
+``reason`` (one sample per reason the device counts, zeros included, so a
+drop of a new kind is a rate, not a new series; the queue's total is
+``sum without (reason)``: no separate total sample that a sum over the
+label would count twice).
 """
 from __future__ import annotations
 
@@ -37,8 +41,7 @@ DEVICE_QUEUE_COUNTERS = (
     ("ifcvf_queue_descriptors", "chains", "Descriptor chains the device completed"),
     ("ifcvf_queue_frames", "frames", "Frames the device moved"),
     ("ifcvf_queue_bytes", "bytes", "Bytes the device moved"),
-    ("ifcvf_queue_dropped_frames", "dropped", "Frames the device dropped"),
-    ("ifcvf_queue_bad_descriptors", "bad_descriptors", "Chains the device refused (runts, oversize, invalid buffers)"),
+    ("ifcvf_queue_bad_descriptors", "bad_descriptors", "TX chains the device refused (runts, oversize)"),
     ("ifcvf_queue_device_kicks", "kicks", "Doorbell writes the device took"),
     ("ifcvf_queue_device_interrupts", "interrupts", "Interrupts the device raised"),
 )
@@ -113,6 +116,8 @@ class DaemonCollector:
         broken = gauge("ifcvf_queue_broken", "1 when the software relay stopped serving the queue", qlabels)
         driver_q = [(counter(n, doc, qlabels), f) for n, f, doc in DRIVER_QUEUE_COUNTERS]
         device_q = [(counter(n, doc, qlabels), f) for n, f, doc in DEVICE_QUEUE_COUNTERS]
+        dropped = counter("ifcvf_queue_dropped_frames", "Frames the device dropped, by reason",
+                          qlabels + ["reason"])
         port_frames = counter("ifcvf_port_frames", "Frames through the VF's port", ["vf", "direction"])
         port_bytes = counter("ifcvf_port_bytes", "Bytes through the VF's port", ["vf", "direction"])
         no_queue = counter("ifcvf_port_rx_no_queue_frames",
@@ -154,10 +159,13 @@ class DaemonCollector:
                 if q.device is not None:
                     for family, field in device_q:
                         family.add_metric(labels, getattr(q.device, field))
+                    for reason, count in sorted(q.device.drops.items()):
+                        dropped.add_metric(labels + [reason], count)
         yield from (info, connected, state, pairs, mode, phase, migrations, switch_overs, pauses,
                     precopy, downtime, marks, running, broken)
         yield from (f for f, _ in driver_q)
         yield from (f for f, _ in device_q)
+        yield dropped
         yield from (port_frames, port_bytes, no_queue)
 
 

@@ -1,8 +1,8 @@
 """What a simulated VF's model counted, as the driver's ``DeviceCounters``.
 
 The IFCVF has no counter registers; on `sim` the model's datapath counts what
-the device did (descriptor chains, frames, bytes, drops, bad descriptors,
-dirty-log marks), and the composition layer hands that to
+the device did (descriptor chains, frames, bytes, drops by reason, bad
+descriptors, dirty-log marks), and the composition layer hands that to
 ``VdpaDevice.stats(device=...)``.  The driver never imports the model.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ def device_counters(model) -> DeviceCounters:
     for q, c in stats["queues"].items():
         queues[q] = DeviceQueueCounters(
             chains=c["chains"], frames=c["frames"], bytes=c["bytes"], dropped=c["dropped"],
-            bad_descriptors=c.get("runts", 0) + c.get("oversize", 0),
+            bad_descriptors=c["runts"] + c["oversize"] if c["kind"] == "tx" else 0,
+            drops=dict(c["drops"]),
             kicks=c["kicks"], interrupts=c["interrupts"], last_avail=c["last_avail"],
             last_used=c["last_used"], broken=c["broken"])
     port = stats["port"]

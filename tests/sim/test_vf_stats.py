@@ -203,3 +203,43 @@ def test_metrics_show_traffic_migration_phase_and_downtime(stack):
     assert sample(body, "ifcvf_migration_last_precopy_seconds", vf=vf) >= 400e-6
     assert sample(body, "ifcvf_dirty_log_marks_total", vf=vf, source="driver") == 4
     assert sample(body, "ifcvf_vf_state", vf=vf, state="stopped") == 1
+
+
+def test_drops_by_reason_reach_the_snapshot_ctl_and_metrics():
+    """A guest that stops taking frames: the RX FIFO fills (fifo_full); the front-end stops
+    the VF with frames waiting (flushed_at_stop); frames keep coming (not_running).  Each
+    reason shows in VfStats, in `ifcvf ctl stats` (JSON and text) and in the metrics."""
+    from ifcvf.tools.commands.ctl import render
+
+    stack = Stack("vdpa=1")
+    try:
+        stack.vm.guest.start()
+        stack.gen.start()
+        stack.run(100)
+        assert all(not q.device.dropped for q in stack.stats().queues)
+        stack.vm.guest.pause()
+        stack.run(3000)
+        stack.fe.stop(stack.vm.rings)
+        stack.run(200)
+        snap = stack.stats()
+        rx0 = snap.queues[0].device
+        assert set(rx0.drops) == {"fifo_full", "not_running", "flushed_at_stop", "too_big", "oversize"}
+        assert rx0.drops["fifo_full"] > 0 and rx0.drops["flushed_at_stop"] > 0
+        assert rx0.drops["not_running"] > 0 and rx0.drops["too_big"] == rx0.drops["oversize"] == 0
+        assert sum(rx0.drops.values()) == rx0.dropped
+        assert snap.queues[1].device.drops == {"runt": 0, "oversize": 0}
+        # `ifcvf ctl stats --json` sends to_dict(); the text form lists the reasons seen.
+        sent = json.loads(json.dumps({"socket": "/run/vf0.sock", **snap.to_dict()}))
+        assert sent["queues"][0]["device"]["drops"] == rx0.drops
+        text = render("stats", [sent])
+        assert (f"drops: fifo_full {rx0.drops['fifo_full']}, flushed_at_stop "
+                f"{rx0.drops['flushed_at_stop']}, not_running {rx0.drops['not_running']}") in text
+        assert "too_big" not in text
+        body = scrape(stack)
+        for reason, count in rx0.drops.items():
+            assert sample(body, "ifcvf_queue_dropped_frames_total", vf="/run/vf0.sock", queue=0,
+                          direction="rx", reason=reason) == count
+        assert sample(body, "ifcvf_queue_dropped_frames_total", vf="/run/vf0.sock", queue=1,
+                      direction="tx", reason="runt") == 0
+    finally:
+        stack.close()

@@ -154,6 +154,9 @@ def test_stats_json_for_every_vf_one_vf_and_one_queue(serve):
     assert [q["direction"] for q in a["queues"][:2]] == ["rx", "tx"]
     assert set(a["queues"][0]["driver"]) >= {"kicks", "interrupts", "relayed", "polls", "pages_logged"}
     assert a["queues"][0]["device"]["frames"] == 0          # the model's counters, on sim
+    assert a["queues"][0]["device"]["drops"] == {"fifo_full": 0, "not_running": 0,
+                                                 "flushed_at_stop": 0, "too_big": 0, "oversize": 0}
+    assert a["queues"][1]["device"]["drops"] == {"runt": 0, "oversize": 0}
     one = json.loads(ctl(serve.control, "stats", "A", "3", "--json").stdout)
     assert [q["index"] for q in one["queues"]] == [3] and one["queues"][0]["direction"] == "tx"
     text = ctl(serve.control, "stats", "A")
@@ -167,6 +170,8 @@ def test_metrics_has_ifcvf_samples(serve):
     assert re.search(r'^ifcvf_vf_info\{.*vf="A".*\} 1\.0$', body, re.M)
     assert re.search(r'^ifcvf_queue_frames_total\{direction="rx",queue="0",vf="A"\} 0\.0$', body, re.M)
     assert re.search(r'^ifcvf_queue_kicks_relayed_total\{direction="tx",queue="1",vf="A"\} 0\.0$', body, re.M)
+    assert re.search(r'^ifcvf_queue_dropped_frames_total\{direction="rx",queue="0",reason="fifo_full",'
+                     r'vf="A"\} 0\.0$', body, re.M)
     assert re.search(r'^ifcvf_migration_phase\{phase="none",vf="A"\} 1\.0$', body, re.M)
     assert "# TYPE ifcvf_migration_last_downtime_seconds gauge" in body
 

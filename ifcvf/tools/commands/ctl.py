@@ -120,6 +120,10 @@ def _render_vf(vf: dict) -> str:
                      f"{d['pages_logged']:>9} {dev.get('frames', '-'):>11} {dev.get('bytes', '-'):>14} "
                      f"{dev.get('dropped', '-'):>8} {dev.get('bad_descriptors', '-'):>7}"
                      + (f"  broken: {q['broken']}" if q["broken"] else ""))
+        # Why the device dropped what it dropped: the reasons that happened, under the queue.
+        why = [f"{reason} {count}" for reason, count in sorted(dev.get("drops", {}).items()) if count]
+        if why:
+            lines.append(f"     drops: {', '.join(why)}")
     return "\n".join(lines)
 
 

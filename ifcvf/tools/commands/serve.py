@@ -34,7 +34,12 @@ A simulated VF's 100G port is connected to nothing unless a --wire follows its
                          by the VF.  This is what QEMU's
                          `-netdev socket,udp=127.0.0.1:LOCAL_PORT,localaddr=127.0.0.1:REMOTE_PORT`
                          speaks, so a VM's NIC (or any UDP tool) can sit across
-                         the wire.  Loopback only.
+                         the wire.  Loopback only.  With more than one queue
+                         pair in use, a received frame goes to the RX queue of
+                         the pair its flow (MACs, IP addresses, L4 ports) last
+                         transmitted on, as a virtio-net device without RSS
+                         steers (virtio 1.1 5.1.6.5.5); other flows are spread
+                         over the pairs in use by a hash.
 
   ifcvf serve --socket /tmp/vf.sock --device sim --wire udp:5001:5002
 
