@@ -175,8 +175,11 @@ class FlowSteering:
     def split(self, batch: FrameBatch) -> list[tuple[int, FrameBatch]]:
         """``batch`` as (pair, frames for it) parts, each in arrival order, pairs ascending.
 
-        A batch that goes to one pair is passed on as it is (no copy)."""
+        A batch that goes to one pair is passed on as it is (no copy); with one pair
+        in use (or none) no frame is looked at: there is nothing to choose."""
         active = tuple(self.in_use())
+        if len(active) <= 1:
+            return [(active[0] if active else 0, batch)] if len(batch.lengths) else []
         view = memoryview(batch.data)
         lengths = batch.lengths
         picks = []

@@ -168,3 +168,11 @@ def test_the_table_is_bounded_and_forgets_the_least_recently_transmitted():
     assert flow_key(out4(0), True) in s2.flows and flow_key(out4(1), True) not in s2.flows
     with pytest.raises(ValueError):
         FlowSteering(lambda: (0,), max_flows=0)
+
+
+def test_with_one_pair_in_use_no_frame_is_looked_at():
+    s, _ = steering(active=(0,))
+    s.learn(3, batch(out4(1)))
+    b = batch(in4(1), b"\x00")
+    assert s.split(b) == [(0, b)]
+    assert s.hits == s.fallbacks == 0
