@@ -61,6 +61,17 @@ def test_a_sanitizer_report_is_a_crash_of_a_sanitized_target(monkeypatch):
     assert failure.input_hex                # the input libFuzzer kept
 
 
+def test_a_sanitized_target_without_a_sanitizer_runtime_is_a_clear_error(monkeypatch, capsys):
+    from ifcvf.tools.fuzz import sanitized
+
+    def missing(name):
+        raise sanitized.SanitizerUnavailable(f"{name} not found (test)")
+
+    monkeypatch.setattr(sanitized, "runtime", missing)
+    assert main(["fuzz", "relay-asan", "--budget", "1"]) == 2
+    assert "relay-asan: libasan.so not found (test)" in capsys.readouterr().out
+
+
 def test_cli_lists_targets_and_writes_json(tmp_path, capsys):
     assert main(["fuzz", "--list"]) == 0
     out = capsys.readouterr().out

@@ -50,10 +50,18 @@ def runtime(name: str) -> str:
     return os.path.realpath(path)
 
 
-def build(outdir: Path) -> dict[str, Path]:
-    """Compile both sanitized extensions into ``outdir``; {module name: .so path}."""
+def check_available() -> None:
+    """SanitizerUnavailable, saying what is missing, unless ``build`` and
+    ``environment`` can work here."""
     if not (ROOT / "csrc").is_dir():
         raise SanitizerUnavailable(f"the sanitized build needs the source tree's csrc/ ({ROOT})")
+    runtime("libasan.so")
+    runtime("libubsan.so")
+
+
+def build(outdir: Path) -> dict[str, Path]:
+    """Compile both sanitized extensions into ``outdir``; {module name: .so path}."""
+    check_available()
     # cffi compiles from inside its tmpdir and the build scripts name sources
     # relative to the project root, so give the tmpdir a copy of csrc/ (a copy,
     # not a link: the objects are written next to the sources).
