@@ -43,4 +43,7 @@ TARGETS = {t.name: t for t in [
     Target("scenario", "ifcvf.tools.fuzz.scenario",
            "scenario TOML files: valid, mistyped, out-of-range and unknown keys; only a "
            "ScenarioError naming the problem"),
+    Target("sweep", "ifcvf.tools.fuzz.sweep",
+           "sweep TOML files: bad keys and value types, huge grids, non-UTF-8, path tricks in "
+           "`base`; only a ScenarioError naming the file"),
 ]}
