@@ -10,6 +10,8 @@ The [device] section is not declared here: its keys are the fields of
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,17 +179,45 @@ def load(path: str | Path, *, extra_schema: dict[str, list[Key]] | None = None) 
     return from_dict(path, read_toml(path, "scenario"), extra_schema=extra_schema)
 
 
-def read_toml(path: Path, what: str = "scenario") -> dict:
+# A scenario or sweep file is a few KiB; a path that names something else
+# (/dev/zero, a FIFO nobody writes, a huge file) must not hang or fill memory.
+MAX_TOML_BYTES = 1 << 20
+
+
+def _read_file(path: Path, what: str) -> bytes:
+    """The bytes of a regular file of at most MAX_TOML_BYTES; ScenarioError otherwise."""
     try:
-        return tomllib.loads(Path(path).read_bytes().decode("utf-8"))
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ScenarioError(f"{path}: no such {what} file") from None
-    except UnicodeDecodeError as err:
-        raise ScenarioError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except ValueError as err:          # an embedded NUL: no file can have that name
+        raise ScenarioError(f"{path!r}: not a usable path: {err}") from None
     except OSError as err:
         raise ScenarioError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ScenarioError(f"{path}: cannot read: not a regular file")
+        data = os.read(fd, MAX_TOML_BYTES + 1)
+    except OSError as err:
+        raise ScenarioError(f"{path}: cannot read: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOML_BYTES:
+        raise ScenarioError(f"{path}: larger than {MAX_TOML_BYTES} bytes; not a {what} file")
+    return data
+
+
+def read_toml(path: Path, what: str = "scenario") -> dict:
+    data = _read_file(path, what)
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ScenarioError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(f"{path}: not valid TOML: {err}") from None
+    except RecursionError:             # tomllib recurses per nesting level
+        raise ScenarioError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
 
 
 def from_dict(path: Path, raw: dict, *, extra_schema: dict[str, list[Key]] | None = None) -> Scenario:

@@ -1,5 +1,6 @@
 """Negative controls for the fuzzing engine (tests/unit/test_fuzz.py): targets
-that fail, hang and crash on inputs the engine must find within seconds."""
+that fail, hang, crash and overflow a C buffer on inputs the engine must find
+within seconds."""
 import ctypes
 import os
 import time
@@ -23,3 +24,11 @@ def PROPERTY(x, y):
             time.sleep(0.05)
     elif MODE == "crash":
         ctypes.string_at(0)   # SIGSEGV: a native crash
+    elif MODE == "oob":
+        # The C marks page 96 of a log it is told is 4096 bytes: bit 0 of byte 12
+        # of a 9-byte buffer, inside the allocator's slack, which only a sanitized
+        # build (PYTHONMALLOC=malloc, redzones) reports.
+        from ifcvf._native import ffi, lib
+
+        buf = bytearray(9)
+        lib.ifc_log_mark(ffi.from_buffer(buf), 4096, 96 * 4096, 1)

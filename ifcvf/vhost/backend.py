@@ -146,6 +146,9 @@ class VhostBackend:
         self.status = 0
         self.memory: GuestMemory | None = None
         self.log_mapping: LogMapping | None = None
+        # (fd, offset, size) of a log larger than the memory table, held for the
+        # table QEMU sends right after it (see _hold_pending_log).
+        self._pending_log: tuple[int, int, int] | None = None
         self.vrings = [VringSetup(i) for i in range(driver.max_vrings)]
         self.has_backend_channel = False
         self._new_channel: int | None = None
@@ -473,19 +476,18 @@ class VhostBackend:
                     log.warning("%s: %s (vring not ready until its address is set again)", self.name, err)
         if old is not None:
             old.close()
+        self._take_pending_log()
         log.info("%s: memory table: %s%s", self.name,
                  ", ".join(f"{r.gpa:#x}+{r.size:#x}" for r in memory.regions),
                  " (VF stopped; reconfigures when ready)" if was_configured else "")
         return None
 
-    def _check_log_size(self, size: int, offset: int, fd: int) -> None:
+    def _check_log_fd(self, size: int, offset: int, fd: int) -> None:
         """Refuse a log QEMU would never send: any multiple of 8 bytes is legal
-        (one 64-bit word per 256 KiB of guest address space, never page-rounded)."""
+        (one 64-bit word per 256 KiB of guest address space, never page-rounded),
+        in a memory file that holds it."""
         if size == 0 or size % p.LOG_WORD:
             raise Refused(f"log size {size} is not a positive multiple of {p.LOG_WORD} bytes")
-        if self.memory is not None and size < p.log_size(self.memory.end):
-            raise Refused(f"log of {size} bytes covers less than the memory table "
-                          f"(needs {p.log_size(self.memory.end)} bytes)")
         try:
             st = os.fstat(fd)
         except OSError as err:
@@ -496,20 +498,76 @@ class VhostBackend:
             raise Refused(f"log of {size} bytes at offset {offset} ends past its fd, "
                           f"which holds {st.st_size} bytes")
 
+    @staticmethod
+    def _log_size_error(size: int, memory: GuestMemory) -> str | None:
+        """Why a log of ``size`` bytes does not fit ``memory``, or None: from the
+        exact size QEMU computes for the table up to LOG_SLACK more."""
+        need = p.log_size(memory.end)
+        if size < need:
+            return f"log of {size} bytes covers less than the memory table (needs {need} bytes)"
+        if size > need + p.LOG_SLACK:
+            return (f"log of {size} bytes is larger than the memory table needs "
+                    f"({need} bytes, at most {p.LOG_SLACK} more accepted)")
+        return None
+
     def _on_set_log_base(self, msg):
-        size, offset = msg.payload.mmap_size, msg.payload.mmap_offset
-        self._check_log_size(size, offset, msg.fds[0])
+        size, offset, fd = msg.payload.mmap_size, msg.payload.mmap_offset, msg.fds[0]
+        self._check_log_fd(size, offset, fd)
+        too_big = self.memory is not None and size > p.log_size(self.memory.end) + p.LOG_SLACK
+        if self.memory is None or (too_big and self.features & ids.bit(ids.Feature.LOG_ALL)):
+            # No table to size it against yet, or QEMU's vhost_commit growing the
+            # log *before* it sends a larger memory table (legal: logging is on):
+            # the log waits for its table (_take_pending_log).
+            self._hold_pending_log(fd, offset, size)
+            return None
+        why = self._log_size_error(size, self.memory)
+        if why:
+            raise Refused(why)
+        self._install_log(fd, offset, size)
+        return None
+
+    def _install_log(self, fd: int, offset: int, size: int) -> None:
         try:
-            mapping = LogMapping.map(msg.fds[0], offset, size)
+            mapping = LogMapping.map(fd, offset, size)
         except (OSError, ValueError, OverflowError) as err:
             raise Refused(f"cannot map the log of {size} bytes at offset {offset}: {err}") from None
-        os.close(msg.fds[0])  # the mapping holds its own duplicate
+        os.close(fd)  # the mapping holds its own duplicate
+        self._drop_pending_log()
         old, self.log_mapping = self.log_mapping, mapping
         self.driver.set_log(mapping)
         if old is not None:
             old.close()
         log.info("%s: dirty log of %d bytes mapped", self.name, size)
-        return None
+
+    # --- a log sent ahead of its memory table --------------------------------------------
+    def _hold_pending_log(self, fd: int, offset: int, size: int) -> None:
+        """Keep the log's fd, unmapped, until a memory table it fits.  QEMU reads
+        only this log from now on, so the old one must not get another mark:
+        it is dropped, and a VF that logs stops until the table comes."""
+        reason = f"a log of {size} bytes waits for the memory table it was sized for"
+        self._forget_log(reason)
+        self._pending_log = (fd, offset, size)
+        log.warning("%s: %s", self.name, reason)
+
+    def _take_pending_log(self) -> None:
+        """A new memory table: the log waiting for it is mapped if it fits, dropped if not."""
+        if self._pending_log is None:
+            return
+        (fd, offset, size), self._pending_log = self._pending_log, None
+        why = self._log_size_error(size, self.memory)
+        if why is None:
+            try:
+                self._install_log(fd, offset, size)
+                return
+            except Refused as err:
+                why = str(err)
+        os.close(fd)
+        log.error("%s: the log sent ahead of the memory table is dropped: %s", self.name, why)
+
+    def _drop_pending_log(self) -> None:
+        if self._pending_log is not None:
+            os.close(self._pending_log[0])
+            self._pending_log = None
 
     def _forget_log(self, reason: str) -> None:
         """A refused SET_LOG_BASE: QEMU ignores the reply and from now on reads
@@ -517,6 +575,7 @@ class VhostBackend:
         mark more.  The driver stops a VF that logs (VdpaDevice.set_log(None)),
         and with no log a later LOG_ALL keeps the VF stopped until a usable
         log comes: the guest loses its network, never a dirty page."""
+        self._drop_pending_log()
         self.driver.set_log(None, reason)
         old, self.log_mapping = self.log_mapping, None
         if old is not None:
@@ -676,6 +735,7 @@ class VhostBackend:
         if self.log_mapping is not None:
             self.log_mapping.close()
             self.log_mapping = None
+        self._drop_pending_log()
         if self._new_channel is not None:
             os.close(self._new_channel)
             self._new_channel = None

@@ -183,10 +183,20 @@ LOG_WORD = 8                     # the log is read and cleared in 64-bit words
 LOG_CHUNK = 8 * LOG_WORD * LOG_PAGE   # guest bytes one word covers: 256 KiB
 
 
+# How much more log than the memory table needs a front-end may send.  QEMU
+# 7.2's vhost_commit grows a log to the size needed plus VHOST_LOG_BUFFER words,
+# which is 0x1000 / sizeof(struct vhost_log) = 170 words (1360 bytes), not the
+# 4 KiB its comment says; a build that computed the 4 KiB would send 512 words.
+# The slack covers both, and nothing bigger: a log is DMA-mapped (pinned) for
+# the VF, so its size must stay what the guest's memory needs.
+LOG_SLACK = 4096
+
+
 def log_size(memory_end: int) -> int:
     """Bytes of dirty log for guest memory ending at ``memory_end``: whole 64-bit
-    words, as QEMU sizes it (one word per 256 KiB, never rounded to a page).  A
-    back-end accepts any multiple of 8 that is at least this."""
+    words, as QEMU sizes it (vhost_get_log_size: last GPA / 256 KiB + 1 words,
+    never rounded to a page).  A back-end accepts any multiple of 8 from this
+    up to this plus LOG_SLACK."""
     return -(-memory_end // LOG_CHUNK) * LOG_WORD
 
 

@@ -17,7 +17,7 @@ from ifcvf.vhost.codes import (
     MAX_CONFIG_SIZE, MAX_FDS, MAX_PAYLOAD_SIZE, MAX_REGIONS, QEMU_7_2_BACKEND_REQUESTS,
     QEMU_7_2_PROTOCOL_FEATURES, QEMU_7_2_REQUESTS, REPLY_FLAGS, VERSION, VERSION_MASK,
     VIRTIO_F_IOMMU_PLATFORM, VIRTIO_NET_F_MTU, VRING_F_LOG, VRING_INDEX_MASK, VRING_NOFD,
-    LOG_WORD, BackendRequest, ProtocolFeature, Request, log_size, protocol_mask, request_name)
+    LOG_SLACK, LOG_WORD, BackendRequest, ProtocolFeature, Request, log_size, protocol_mask, request_name)
 from ifcvf.vhost.errors import ProtocolError, UnknownRequestError
 from ifcvf.vhost.messages import (
     BackendMessage, Header, Message, Reply, decode_header, encode_ack, encode_backend_request,
@@ -39,7 +39,7 @@ __all__ = [
     "QEMU_7_2_BACKEND_REQUESTS", "QEMU_7_2_PROTOCOL_FEATURES", "QEMU_7_2_REQUESTS",
     "REPLY_FLAGS", "VERSION", "VERSION_MASK", "VIRTIO_F_IOMMU_PLATFORM", "VIRTIO_NET_F_MTU",
     "VRING_F_LOG", "VRING_INDEX_MASK", "VRING_NOFD", "BackendRequest", "ProtocolFeature",
-    "LOG_WORD", "Request", "log_size", "protocol_mask", "request_name",
+    "LOG_SLACK", "LOG_WORD", "Request", "log_size", "protocol_mask", "request_name",
     # errors
     "ProtocolError", "UnknownRequestError",
     # messages

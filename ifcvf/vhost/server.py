@@ -165,9 +165,18 @@ class VhostServer:
         self.wake()
 
     def _try_connect(self, ep: Endpoint) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Non-blocking: a blocking connect() waits while the listener's accept
+        # queue is full (a front-end that listens but does not accept), and this
+        # loop serves every other VF.  A unix socket connects at once or fails
+        # with EAGAIN: then the front-end is busy, and we retry like any failure.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             sock.connect(ep.path)
+        except BlockingIOError:
+            sock.close()
+            ep.next_connect = time.monotonic() + RECONNECT_S
+            log.debug("connect %s: the front-end accepts no connection now (busy; retrying)", ep.path)
+            return
         except OSError as err:
             sock.close()
             ep.next_connect = time.monotonic() + RECONNECT_S

@@ -12,6 +12,8 @@ from ifcvf.tools.fuzz import TARGETS, Target, engine
 
 pytestmark = pytest.mark.slow
 CONTROL = Target("control", "fuzz_controls", "negative control", ("fuzz_controls",))
+CONTROL_ASAN = Target("control-asan", "fuzz_controls", "negative control, sanitized",
+                      ("fuzz_controls",), sanitized=True)
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
@@ -43,6 +45,31 @@ def test_engine_survives_a_native_crash(monkeypatch):
     result = engine.run(CONTROL, 2)
     assert result.crashes >= 1 and result.crashes <= result.children
     assert {f.signature for f in result.failures} == {"crash: ERROR: libFuzzer: deadly signal"}
+
+
+def test_a_sanitizer_report_is_a_crash_of_a_sanitized_target(monkeypatch):
+    """The relay-asan target's machinery (the sanitized build, the runtimes
+    preloaded into the child, abort on a report) turns an out-of-bounds write
+    by the C code, one the plain build lets pass, into a counted crash."""
+    monkeypatch.setenv("IFCVF_FUZZ_CONTROL", "oob")
+    result = engine.run(CONTROL_ASAN, 3)
+    assert result.crashes >= 1 and result.hangs == 0
+    (failure,) = result.failures           # one bug, one failure, however often it is hit
+    assert failure.kind == "crash"
+    assert failure.signature == "crash: ERROR: AddressSanitizer: heap-buffer-overflow", failure.signature
+    assert "ifc_log_mark" in failure.detail, failure.detail
+    assert failure.input_hex                # the input libFuzzer kept
+
+
+def test_a_sanitized_target_without_a_sanitizer_runtime_is_a_clear_error(monkeypatch, capsys):
+    from ifcvf.tools.fuzz import sanitized
+
+    def missing(name):
+        raise sanitized.SanitizerUnavailable(f"{name} not found (test)")
+
+    monkeypatch.setattr(sanitized, "runtime", missing)
+    assert main(["fuzz", "relay-asan", "--budget", "1"]) == 2
+    assert "relay-asan: libasan.so not found (test)" in capsys.readouterr().out
 
 
 def test_cli_lists_targets_and_writes_json(tmp_path, capsys):

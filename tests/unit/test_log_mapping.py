@@ -17,6 +17,7 @@ from ifcvf.tools.runs.stack import SimHost, Vm, cable
 from ifcvf.vhost import protocol as p
 from sim.config import IfcvfConfig
 from sim.frontend import Region
+from ifcvf.vhost.codes import LOG_CHUNK
 from ifcvf.vhost.protocol import log_size
 from sim.migration import DirtyLogReader
 from sim.traffic import Generator, steer_by_flow
@@ -79,9 +80,15 @@ def connected(host, ram):
     return vf, fe
 
 
+def guest_needing(size: int) -> HostMemory:
+    """Guest RAM (sparse) whose exact log is ``size`` bytes, as QEMU sizes it."""
+    return HostMemory(size // 8 * LOG_CHUNK, "guest")
+
+
 @pytest.mark.parametrize("size, offset", [(LOG_200M, 0), (LOG_200M, 8), (LOG_200M, PAGE_SIZE + 24),
                                           (520, 0), (4104, 0), (8 * PAGE_SIZE + 8, 3 * PAGE_SIZE)])
-def test_any_multiple_of_8_bytes_is_mapped(host, ram, size, offset):
+def test_any_multiple_of_8_bytes_is_mapped(host, size, offset):
+    ram = guest_needing(size)
     vf, fe = connected(host, ram)
     fd = memfd(offset + size)                  # exactly the log's bytes, as QEMU's memfd
     try:
@@ -105,6 +112,7 @@ def test_any_multiple_of_8_bytes_is_mapped(host, ram, size, offset):
         assert fe.get_u64(p.Request.GET_FEATURES) == fe.features
     finally:
         os.close(fd)
+        ram.close()
 
 
 @pytest.mark.parametrize("size, offset, file_size, reason", [
@@ -114,6 +122,9 @@ def test_any_multiple_of_8_bytes_is_mapped(host, ram, size, offset):
     (LOG_200M + 8, 0, LOG_200M, "ends past its fd, which holds 6400 bytes"),
     (LOG_200M, 8, LOG_200M, "ends past its fd"),
     (504, 0, PAGE_SIZE, "covers less than the memory table (needs 512 bytes)"),
+    (512 + p.LOG_SLACK + 8, 0, 2 * PAGE_SIZE,
+     f"larger than the memory table needs (512 bytes, at most {p.LOG_SLACK} more accepted)"),
+    (1 << 30, 0, 1 << 30, "larger than the memory table needs"),
 ])
 def test_bad_log_sizes_are_refused(host, ram, caplog, size, offset, file_size, reason):
     """Refused with the reason, and nothing of the bad log is kept.  The log QEMU

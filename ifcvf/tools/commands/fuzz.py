@@ -70,7 +70,17 @@ def cmd_fuzz(args) -> int:
         if name in ("backend", "engines", "scenario"):
             require("sim", f"the {name} target")
     from ifcvf.tools.fuzz import engine
+    from ifcvf.tools.fuzz.sanitized import SanitizerUnavailable, check_available
 
+    for name in [n for n in names if TARGETS[n].sanitized]:
+        try:
+            check_available()
+        except SanitizerUnavailable as err:
+            if args.target != "all":
+                console.print(f"[red]{name}: {err}[/]")
+                return 2
+            console.print(f"[yellow]{name} left out: {err}[/]")
+            names.remove(name)
     results = []
     for name in names:
         console.print(f"fuzzing [bold]{name}[/] for {args.budget:g} s ...")

@@ -18,6 +18,9 @@ class Target:
     module: str          # holds ``PROPERTY``, a hypothesis @given function
     description: str
     instrument: tuple[str, ...] = ("ifcvf", "sim", "hal")
+    #: Run against the ASan + UBSan build of the native modules (sanitized.py):
+    #: an out-of-bounds access or undefined behaviour in C is a crash.
+    sanitized: bool = False
 
 
 TARGETS = {t.name: t for t in [
@@ -30,10 +33,17 @@ TARGETS = {t.name: t for t in [
     Target("relay", "ifcvf.tools.fuzz.relay",
            "the C used-ring relay on hostile rings (loops, out-of-range ids and addresses, long "
            "chains, racing indices) against the Python oracle (needs the source tree's tests/)"),
+    Target("relay-asan", "ifcvf.tools.fuzz.relay",
+           "the relay target against the AddressSanitizer + UBSan build of the C code: any "
+           "out-of-bounds access or undefined behaviour on hostile rings is a crash (needs gcc's "
+           "libasan and the source tree's csrc/ and tests/)", sanitized=True),
     Target("engines", "ifcvf.tools.fuzz.engines",
            "the model's ring engines (sim._native) on random descriptor tables: every access "
            "stays inside the mapping (needs the source tree's tests/)"),
     Target("scenario", "ifcvf.tools.fuzz.scenario",
            "scenario TOML files: valid, mistyped, out-of-range and unknown keys; only a "
            "ScenarioError naming the problem"),
+    Target("sweep", "ifcvf.tools.fuzz.sweep",
+           "sweep TOML files: bad keys and value types, huge grids, non-UTF-8, path tricks in "
+           "`base`; only a ScenarioError naming the file"),
 ]}

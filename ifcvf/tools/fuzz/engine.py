@@ -83,9 +83,15 @@ def child_main(argv: list[str]) -> None:
     module_name, instrument, budget, timeout, stats_path, findings_path, artifacts = argv
     import atheris
 
+    from ifcvf.tools.fuzz.sanitized import check_installed, install
+
+    # A sanitized target: its native modules replace the in-tree ones before
+    # anything imports those (no-op otherwise).
+    sanitized = install()
     sys.path.insert(0, str(ROOT / "tests"))
     with atheris.instrument_imports(include=instrument.split(",")):
         module = __import__(module_name, fromlist=["PROPERTY"])
+    check_installed(sanitized)
     fuzz_one_input = module.PROPERTY.hypothesis.fuzz_one_input
     counters = [0, 0]
     seen: set[str] = set()
@@ -133,9 +139,17 @@ def run(target: "str | Target", budget: float, *, hang_timeout: int = 10,
     name = target.name
     result = Result(name)
     by_sig: dict[str, Failure] = {}
-    start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"ifcvf-fuzz-{name}-") as tmp:
         tmp = Path(tmp)
+        child_env = dict(os.environ, PYTHONHASHSEED="0")
+        if target.sanitized:
+            # Built per run (a few seconds, not counted in the budget): always the
+            # C that is in the tree now.
+            from ifcvf.tools.fuzz import sanitized
+
+            (tmp / "sanitized").mkdir()
+            child_env.update(sanitized.environment(sanitized.build(tmp / "sanitized"), abort=True))
+        start = time.monotonic()
         while True:
             left = budget - (time.monotonic() - start)
             if left < 1 and result.children:
@@ -147,13 +161,12 @@ def run(target: "str | Target", budget: float, *, hang_timeout: int = 10,
             artifacts.mkdir()
             stats.write_bytes(_STATS.pack(0, 0))
             findings.touch()
-            env = dict(os.environ, PYTHONHASHSEED="0")
             cmd = [python, "-m", "ifcvf.tools.fuzz.engine", "--child", target.module,
                    ",".join(target.instrument),
                    str(max(1, int(left))), str(hang_timeout), str(stats), str(findings),
                    str(artifacts)]
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                done = subprocess.run(cmd, capture_output=True, text=True, env=child_env, cwd=ROOT,
                                       timeout=max(1, left) + hang_timeout + 60)
                 rc, err = done.returncode, done.stderr
             except subprocess.TimeoutExpired as exc:
@@ -175,7 +188,7 @@ def run(target: "str | Target", budget: float, *, hang_timeout: int = 10,
                 else:
                     by_sig[sig] = Failure(sig, kind, _native_reason(err),
                                           input_hex=crash_input.read_bytes().hex() if crash_input else "",
-                                          detail=err[-4000:])
+                                          detail=_crash_detail(err))
                     result.failures.append(by_sig[sig])
                 if log:
                     log(f"{name}: child {result.children} ended ({kind}); restarting")
@@ -200,10 +213,20 @@ def _merge_findings(path: Path, by_sig: dict[str, Failure], result: Result) -> N
         result.failures.append(by_sig[sig])
 
 
+def _crash_detail(err: str) -> str:
+    """A sanitizer's report from its first line (the faulting frames come first),
+    else the end of what the child printed."""
+    m = re.search(r"^.*(?:ERROR: AddressSanitizer|runtime error:).*$", err, re.M)
+    return err[m.start():m.start() + 4000] if m else err[-4000:]
+
+
 def _native_reason(err: str) -> str:
+    """The line that says why a child died, without what differs between runs
+    (pids, addresses), so one bug is one failure however often it is hit."""
     for line in err.splitlines():
         if "ERROR: libFuzzer" in line or "ERROR: AddressSanitizer" in line or "runtime error" in line:
-            return re.sub(r"^==\d+==\s*", "", line.strip())[:300]
+            line = re.sub(r"^==\d+==\s*", "", line.strip())
+            return re.sub(r"\s+(?:on (?:unknown )?address|at pc|bp|sp) 0x[0-9a-f]+", "", line)[:300]
     tail = [ln for ln in err.splitlines() if ln.strip()]
     return tail[-1][:300] if tail else "the child died without a message"
 

@@ -11,7 +11,6 @@ text.  Properties: ``load`` returns a scenario or raises ``ScenarioError``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import tempfile
@@ -46,8 +45,19 @@ def toml_value(v) -> str:
             return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        # Not json.dumps: it writes a character beyond the BMP as a surrogate
+        # pair of escapes, which TOML refuses, so most non-ASCII strings made
+        # the whole file invalid.  Only a lone surrogate is escaped (and refused).
+        return '"' + "".join(_toml_char(c) for c in v) + '"'
     return "[" + ", ".join(toml_value(x) for x in v) + "]"
+
+
+def _toml_char(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    if ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF:
+        return f"\\u{ord(c):04x}"
+    return c
 
 
 @st.composite

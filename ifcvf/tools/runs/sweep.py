@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,6 +38,10 @@ from typing import Any, Callable
 from sim.scenario import SCHEMA, ScenarioError, from_dict, read_toml
 
 TOP = ("name", "description", "base", "seeds", "grid")
+# The most points (grid combinations times seeds) a sweep may hold.  Each is
+# validated before anything runs, so the bound is checked before the grid is
+# expanded: a few lines of TOML can describe more points than memory holds.
+MAX_POINTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,10 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(raw.get("base"), str):
         raise ScenarioError(f"{path}: base = {raw.get('base')!r}: expected the path of a scenario "
                             "file (relative to the sweep file)")
-    base = (path.parent / raw["base"]).resolve()
+    try:
+        base = (path.parent / raw["base"]).resolve()
+    except (OSError, RuntimeError, ValueError) as err:   # a symlink loop, an embedded NUL
+        raise ScenarioError(f"{path}: base = {raw['base']!r}: not a usable path: {err}") from None
     try:
         base_raw = read_toml(base, "scenario")
         base_scenario = from_dict(base, base_raw)      # the base alone is valid
@@ -124,6 +132,12 @@ def load_sweep(path: str | Path) -> Sweep:
     for key in ("name", "description"):
         if key in raw and not isinstance(raw[key], str):
             raise ScenarioError(f"{path}: {key} = {raw[key]!r}: expected str")
+    # Before any expansion: a few lines of grid can mean an astronomical product.
+    count = len(seeds) * math.prod(len(v) for v in grid.values())
+    if count > MAX_POINTS:
+        sizes = " x ".join(str(len(v)) for v in grid.values()) or "no grid"
+        raise ScenarioError(f"{path}: {count} points ({sizes}, times {len(seeds)} seed(s)) are more "
+                            f"than the {MAX_POINTS} a sweep may hold")
     sweep = Sweep(path, raw.get("name", path.stem), raw.get("description", ""), base, base_raw,
                   list(seeds), dict(grid))
     keys = list(grid)
