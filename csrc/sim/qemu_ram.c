@@ -20,6 +20,7 @@
 /* Where a file's data is, asked as a forward-moving cursor: callers walk pages
  * in ascending order, so one lseek pair per extent crossed, not per page. */
 struct extents {
+    struct ifc_ram *ram;   /* its known data span is kept up to date (NULL: not kept) */
     int fd;
     int64_t base;          /* file offset of the mapping's first byte */
     int64_t data_start;    /* the next data extent at or after the last query */
@@ -28,8 +29,9 @@ struct extents {
     int error;
 };
 
-static void extents_init(struct extents *e, int fd, int64_t base)
+static void extents_init(struct extents *e, struct ifc_ram *ram, int fd, int64_t base)
 {
+    e->ram = ram;
     e->fd = fd;
     e->base = base;
     e->data_start = e->data_end = e->queried = -1;
@@ -55,11 +57,17 @@ static void extents_query(struct extents *e, int64_t off)
     }
     e->data_start = start - e->base;
     e->data_end = end == INT64_MAX ? INT64_MAX : end - e->base;
+    if (e->ram && !e->error && e->data_start < e->data_end) {
+        e->ram->known_start = e->data_start;
+        e->ram->known_end = e->data_end;
+    }
 }
 
 /* Whether [off, off + len) may hold data (any byte of it inside an extent). */
 static int extents_has_data(struct extents *e, int64_t off, int64_t len)
 {
+    if (e->ram && e->ram->known_start <= off && off < e->ram->known_end)
+        return 1;
     if (e->queried < 0 || off < e->queried || off >= e->data_end)
         extents_query(e, off);
     return e->data_start < off + len;
@@ -82,15 +90,15 @@ static int page_is_zero(const uint8_t *p)
     return 1;
 }
 
-int64_t ifc_ram_send(const struct ifc_ram *src, const struct ifc_ram *dst,
+int64_t ifc_ram_send(struct ifc_ram *src, struct ifc_ram *dst,
                      const uint32_t *pages, uint64_t n, uint64_t budget,
                      struct ifc_ram_sent *sent)
 {
     if (!src || !dst || !sent || (n && !pages) || !src->mem || !dst->mem)
         return IFC_ERR_ARG;
     struct extents s, d;
-    extents_init(&s, src->fd, src->offset);
-    extents_init(&d, dst->fd, dst->offset);
+    extents_init(&s, src, src->fd, src->offset);
+    extents_init(&d, dst, dst->fd, dst->offset);
     memset(sent, 0, sizeof *sent);
     uint64_t i = 0;
     for (; i < n && sent->bytes < budget; i++) {
@@ -125,8 +133,8 @@ int64_t ifc_ram_compare(const struct ifc_ram *a, const struct ifc_ram *b,
     uint64_t pages = a->pages < b->pages ? a->pages : b->pages;
     int64_t end = (int64_t)pages * IFC_RAM_PAGE;
     struct extents ea, eb;
-    extents_init(&ea, a->fd, a->offset);
-    extents_init(&eb, b->fd, b->offset);
+    extents_init(&ea, NULL, a->fd, a->offset);
+    extents_init(&eb, NULL, b->fd, b->offset);
     int64_t found = 0;
     int64_t off = 0;
     while (off < end) {

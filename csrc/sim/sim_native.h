@@ -35,6 +35,13 @@ struct ifc_ram {
     uint64_t pages;
     int fd;
     int64_t offset;
+    /* A span of the mapping [known_start, known_end) found to hold data by an
+     * earlier call (zero-filled: none).  Data never turns back into a hole
+     * (nothing punches guest RAM), so it stays true across calls and spares
+     * the lseek(SEEK_HOLE) scan that finds a big extent's end: that scan walks
+     * the whole extent, once per call otherwise. */
+    int64_t known_start;
+    int64_t known_end;
 };
 
 struct ifc_ram_sent {
@@ -49,7 +56,7 @@ struct ifc_ram_sent {
  * 9-byte record and is written at dst only if dst's page is not zero already;
  * any other page is copied.  Returns the pages handled (also in
  * sent->consumed), IFC_ERR_RANGE for a page outside either RAM, IFC_ERR_ARG. */
-int64_t ifc_ram_send(const struct ifc_ram *src, const struct ifc_ram *dst,
+int64_t ifc_ram_send(struct ifc_ram *src, struct ifc_ram *dst,
                      const uint32_t *pages, uint64_t n, uint64_t budget,
                      struct ifc_ram_sent *sent);
 
