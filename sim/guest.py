@@ -1229,6 +1229,16 @@ class GuestNet:
             total = total + CheckCounts.of(p.rx.stats)
         return total
 
+    def rx_totals(self) -> tuple[int, int]:
+        """(frames, bytes) the RX consumers checked: ``rx_counts()``'s two, without
+        building it (runs sample them every few simulated us)."""
+        frames = nbytes = 0
+        for p in self.pairs:
+            st = p.rx.stats
+            frames += st.frames
+            nbytes += st.bytes
+        return frames, nbytes
+
     def tx_frames(self, pair: int | None = None) -> int:
         pairs = self.pairs if pair is None else [self.pairs[pair]]
         return sum(p.tx.stream.c.frames for p in pairs)

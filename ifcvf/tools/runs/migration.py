@@ -212,9 +212,10 @@ class MigrationRun:
         low_rate = self.traffic["rx_pps"] or self.traffic["tx_pps"]
         step = world.cycles((LOW_RATE_SAMPLE_US if low_rate else SAMPLE_US) * 1000)
         while True:
-            rx, tx = self.vm.guest.rx_counts(), self.sink.counts()
-            self.samples.append(Sample(world.now_ns() / 1000, rx.bytes, tx.bytes, rx.frames,
-                                       tx.frames))
+            rx_frames, rx_bytes = self.vm.guest.rx_totals()
+            tx_frames, tx_bytes = self.sink.totals()
+            self.samples.append(Sample(world.now_ns() / 1000, rx_bytes, tx_bytes, rx_frames,
+                                       tx_frames))
             yield world.timeout(step)
 
     def _rate(self, t0_us: float, t1_us: float) -> dict:
@@ -457,8 +458,8 @@ class MigrationRun:
                 if b["first_at_port"] is None:
                     continue
                 if before is None:
-                    before = b["delivered_before"] = guest.rx_counts().frames
-                elif guest.rx_counts().frames > before:
+                    before = b["delivered_before"] = guest.rx_totals()[0]
+                elif guest.rx_totals()[0] > before:
                     b["first_delivery"] = world.now
         world.process(watch_delivery())
 
