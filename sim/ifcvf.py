@@ -696,7 +696,10 @@ class IfcvfFunction:
     def _doorbell(self, queue: QueueState) -> None:
         queue.doorbells += 1
         if queue.running:
-            self._record("doorbell", qid=queue.index)
+            world = self.world
+            # = self._record("doorbell", qid=queue.index)
+            world.trace.add(f"{world.env._now} {self.name} doorbell qid={queue.index}\n",
+                            "doorbell")
             queue.engine.kick()
         else:
             self._record("doorbell_idle_queue", qid=queue.index)
@@ -708,8 +711,8 @@ class IfcvfFunction:
         if cycles <= 0:
             callback()
             return
-        event = self.world.timeout(cycles)
-        event.callbacks.append(lambda _event: callback())
+        # (= world.timeout(cycles).callbacks.append(...), without the Timeout)
+        self.world.call_at(self.world.env._now + cycles, lambda _event: callback())
 
     def _record(self, event: str, **fields) -> None:
         self.world.record(self.name, event, **fields)

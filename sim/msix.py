@@ -104,8 +104,9 @@ class MsixTable:
         if self.delay_cycles == 0:
             self._arrive(vector)
             return
-        event = self.world.timeout(self.delay_cycles)
-        event.callbacks.append(lambda _ev, v=vector: self._arrive(v))
+        # (= world.timeout(delay).callbacks.append(...), without the Timeout)
+        self.world.call_at(self.world.env._now + self.delay_cycles,
+                           lambda _ev, v=vector: self._arrive(v))
 
     def _deliverable(self, vector: int) -> bool:
         return (self.control.enabled and not self.control.function_masked
@@ -123,11 +124,14 @@ class MsixTable:
         self._pending[vector] = False
         self.delivered[vector] += 1
         fd = self._fds[vector]
-        self.world.record(self.name, "msix_deliver", vector=vector, routed=fd >= 0)
+        world = self.world
+        # = world.record(name, "msix_deliver", vector=vector, routed=fd >= 0)
+        world.trace.add(f"{world.env._now} {self.name} msix_deliver routed={int(fd >= 0)} "
+                        f"vector={vector}\n", "msix_deliver")
         if fd < 0:
             self.unrouted[vector] += 1
             return
-        self.world.signal_fd(fd)
+        world.signal_fd(fd)
 
     def _unblocked(self) -> None:
         for vector in range(self.vectors):
