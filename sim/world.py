@@ -81,14 +81,16 @@ class Trace:
         if not lines:
             return
         self._hash.update("".join(lines).encode())
-        self._records.extend([line.rstrip("\n") for line in lines[-self._keep:]])
+        # (kept as recorded, newline and all: only readers pay for stripping)
+        self._records.extend(lines if len(lines) <= self._keep else lines[-self._keep:])
         lines.clear()
 
     @property
     def records(self) -> collections.deque:
         """The last ``keep`` records, oldest first (without the newline)."""
         self._flush()
-        return self._records
+        return collections.deque([line.rstrip("\n") for line in self._records],
+                                 maxlen=self._keep)
 
     def digest(self) -> str:
         self._flush()
@@ -142,6 +144,11 @@ class _Environment(simpy.Environment):
                 if not queue:
                     raise EmptySchedule
                 self._now, _, _, event = heappop(queue)
+                if type(event) is _Call:
+                    # (a call_at/call_first callback: one function, never fails,
+                    # never stops the run -- only the ``until`` event does)
+                    event.fn(event)
+                    continue
                 callbacks, event.callbacks = event.callbacks, None
                 try:
                     for callback in callbacks:
@@ -163,13 +170,20 @@ class _Environment(simpy.Environment):
                                    f"triggered: {until}") from None
         return None
 
+    def step(self):
+        queue = self._queue
+        if queue and type(queue[0][3]) is _Call:
+            self._now, _, _, call = heappop(queue)
+            call.fn(call)
+            return
+        super().step()
+
 
 class _Call:
-    """A scheduled callback, the least simpy's ``Environment.step`` needs of an event
-    (``callbacks``, and ``_ok`` so a processed one is not taken for a failure)."""
+    """A scheduled callback: one function, run by ``_Environment.run``/``step``
+    itself (no callbacks list to build and walk per event)."""
 
-    __slots__ = ("callbacks",)
-    _ok = True
+    __slots__ = ("fn",)
 
 
 class World:
@@ -255,7 +269,7 @@ class World:
         """Run ``callback(event)`` now, before the events already due now: where
         ``env.process()`` would run a new process's first step (an urgent event)."""
         call = _Call()
-        call.callbacks = [callback]
+        call.fn = callback
         heappush(self._queue, (self.env._now, URGENT, next(self._eid), call))
 
     def schedule_now(self, event) -> None:
@@ -274,7 +288,7 @@ class World:
         passed is a bare holder: callbacks must not look at it.
         """
         call = _Call()          # (no __init__: a slot set is cheaper than a call)
-        call.callbacks = [callback]
+        call.fn = callback
         now = self.env._now
         heappush(self._queue, (cycle if cycle > now else now, NORMAL, next(self._eid), call))
 
