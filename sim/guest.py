@@ -902,7 +902,7 @@ class GuestNet:
                 pair.debt_ns = 0.0
                 if c:
                     pair.busy_cycles += c
-                    world.call_at(env._now + c, lambda _ev: self._core(pair))
+                    world.call_with(env._now + c, self._core, pair)
                     return
             if pair.refill_at is not None and pair.refill_at <= now and not pair.rx_sched:
                 refill = True
@@ -954,12 +954,12 @@ class GuestNet:
                     continue
                 if pair.timer_at is None or pair.timer_at > at or pair.timer_at < now:
                     pair.timer_at = at
-                    world.call_at(at, lambda _ev, at=at: pair._timer(at))
+                    world.call_with(at, pair._timer, at)
             if pair.debt_ns:
                 c = int(pair.debt_ns * self._cyc + 0.999999)
                 pair.debt_ns = 0.0
                 pair.busy_cycles += c
-                world.call_at(env._now + c, lambda _ev: self._core(pair))
+                world.call_with(env._now + c, self._core, pair)
                 return
             pair.wake_ev.callbacks.append(lambda _ev: self._core(pair))
             return

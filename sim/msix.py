@@ -105,8 +105,7 @@ class MsixTable:
             self._arrive(vector)
             return
         # (= world.timeout(delay).callbacks.append(...), without the Timeout)
-        self.world.call_at(self.world.env._now + self.delay_cycles,
-                           lambda _ev, v=vector: self._arrive(v))
+        self.world.call_with(self.world.env._now + self.delay_cycles, self._arrive, vector)
 
     def _deliverable(self, vector: int) -> bool:
         return (self.control.enabled and not self.control.function_masked

@@ -483,7 +483,7 @@ class Generator:
             next_start = earliest + math.ceil(wire / bpc)
             wake = next_start if next_start > done else done
             if wake > now:
-                self.world.call_at(wake, lambda _ev, at=next_start: self._bursts(at))
+                self.world.call_with(wake, self._bursts, next_start)
                 return
 
     def _arrive(self) -> None:

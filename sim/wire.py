@@ -140,7 +140,7 @@ class Port:
         self.last_departure = last
         if deliver:
             delivered = FrameBatch(data, lengths, arrivals)
-            world.call_at(arrivals[n - 1], lambda _ev: peer._arrive(delivered))
+            world.call_with(arrivals[n - 1], peer._arrive, delivered)
         else:
             self.lost += n
         return last
