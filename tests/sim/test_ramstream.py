@@ -140,8 +140,10 @@ def test_pages_written_between_calls_are_sent_whole(rams):
     stream = RamStream(src, dst)
     assert send_all(stream, range(16)).zero_pages == 8
     fill_used(src, 8, 1, seed=4)          # page 8 was a hole during the first call
+    fill_used(src, 3, 1, seed=5)          # page 3 changed: the destination holds the old copy
     sent = send_all(stream, range(16))
     assert sent.zero_pages == 7
+    assert bytes(dst.view[3 * PAGE:4 * PAGE]) == bytes(src.view[3 * PAGE:4 * PAGE])
     assert bytes(dst.view[8 * PAGE:9 * PAGE]) == bytes(src.view[8 * PAGE:9 * PAGE])
     assert data_pages(src) == set(range(9)) and data_pages(dst) == set(range(9))
     assert stream.differing_pages() == []
