@@ -120,8 +120,8 @@ class _Environment(simpy.Environment):
 
     Same semantics as simpy 4.1's ``run``/``step`` (the ``until`` event,
     StopSimulation, failed events crash the run), minus a method call and
-    its lookups per event: the datapath steps millions of events.
-    ``step()`` itself is simpy's, for callers that step one at a time.
+    its lookups per event: the datapath steps millions of events.  Both
+    ``run`` and ``step`` also take the World's call entries (see ``call_at``).
     """
 
     def run(self, until=None):
@@ -143,12 +143,14 @@ class _Environment(simpy.Environment):
             while True:
                 if not queue:
                     raise EmptySchedule
-                self._now, _, _, event = heappop(queue)
-                if type(event) is _Call:
-                    # (a call_at/call_with callback: one function, never fails,
+                entry = heappop(queue)
+                self._now = entry[0]
+                if len(entry) == 5:
+                    # (a call_at/call_with entry: one function, never fails,
                     # never stops the run -- only the ``until`` event does)
-                    event.fn(event.arg)
+                    entry[3](entry[4])
                     continue
+                event = entry[3]
                 callbacks, event.callbacks = event.callbacks, None
                 try:
                     for callback in callbacks:
@@ -172,18 +174,19 @@ class _Environment(simpy.Environment):
 
     def step(self):
         queue = self._queue
-        if queue and type(queue[0][3]) is _Call:
-            self._now, _, _, call = heappop(queue)
-            call.fn(call.arg)
+        if queue and len(queue[0]) == 5:
+            entry = heappop(queue)
+            self._now = entry[0]
+            entry[3](entry[4])
             return
         super().step()
 
 
-class _Call:
-    """A scheduled call ``fn(arg)``, run by ``_Environment.run``/``step`` itself
-    (no callbacks list to build and walk per event)."""
-
-    __slots__ = ("fn", "arg")
+# A scheduled call is a heap entry of its own, ``(cycle, priority, event id, fn,
+# arg)``: ``_Environment.run``/``step`` run ``fn(arg)``, no event object and no
+# callbacks list is built per call.  Entries compare by (cycle, priority, id)
+# alone (ids are unique), so they order among simpy's 4-tuples exactly as a
+# Timeout/Event scheduled at the same point would.
 
 
 class World:
@@ -268,10 +271,7 @@ class World:
     def call_first(self, callback: Callable[[object], None]) -> None:
         """Run ``callback(event)`` now, before the events already due now: where
         ``env.process()`` would run a new process's first step (an urgent event)."""
-        call = _Call()
-        call.fn = callback
-        call.arg = None
-        heappush(self._queue, (self.env._now, URGENT, next(self._eid), call))
+        heappush(self._queue, (self.env._now, URGENT, next(self._eid), callback, None))
 
     def schedule_now(self, event) -> None:
         """Schedule an event object (``callbacks``, ``_ok``) to be processed now,
@@ -288,20 +288,15 @@ class World:
         the wire, so the saving is paid back millions of times.  The event
         passed is None: callbacks must not look at it.
         """
-        call = _Call()          # (no __init__: a slot set is cheaper than a call)
-        call.fn = callback
-        call.arg = None
         now = self.env._now
-        heappush(self._queue, (cycle if cycle > now else now, NORMAL, next(self._eid), call))
+        heappush(self._queue, (cycle if cycle > now else now, NORMAL, next(self._eid), callback,
+                               None))
 
     def call_with(self, cycle: int, fn: Callable[[object], None], arg) -> None:
         """``call_at(cycle, lambda _ev: fn(arg))`` (same order), without the lambda:
         its frame and closure per event, on the paths that schedule millions."""
-        call = _Call()
-        call.fn = fn
-        call.arg = arg
         now = self.env._now
-        heappush(self._queue, (cycle if cycle > now else now, NORMAL, next(self._eid), call))
+        heappush(self._queue, (cycle if cycle > now else now, NORMAL, next(self._eid), fn, arg))
 
     # --- randomness and trace -------------------------------------------------
     def rng(self, name: str) -> random.Random:
