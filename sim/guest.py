@@ -90,6 +90,9 @@ from sim.frames import WIRE_OVERHEAD
 from sim.ring_layout import ring_layout, used_ring_bytes
 from sim.world import World
 
+_tx_xmit = lib.ifc_gvq_tx_xmit
+_tx_clean = lib.ifc_gvq_tx_clean
+
 PAGE = 4096
 DEFAULT_BASE = 0x10_0000
 
@@ -501,6 +504,7 @@ class GuestNet:
         # netif_stop_subqueue below 2 + MAX_SKB_FRAGS free slots (a ring too
         # small for that stops only when full)
         self._tx_stop_free = 2 + MAX_SKB_FRAGS if queue_size >= 4 * (2 + MAX_SKB_FRAGS) else 1
+        self._xmit = ffi.new("struct ifc_gvq_xmit *")     # what _tx_work's C call did
         self.tx_rate_gbps = tx_rate_gbps
         # Offered wire bytes per cycle, per pair.
         self._tx_bpc = tx_rate_gbps * 1e9 / 8 / world.clock_hz / queue_pairs
@@ -1069,13 +1073,11 @@ class GuestNet:
         q = pair.tx
         if q.broken:
             return
-        while True:
-            lib.ifc_gvq_disable_cb(q.c)
-            if not self._reclaim(q):
-                return
-            if lib.ifc_gvq_enable_cb_delayed(q.c):
-                break
-        self._maybe_wake_tx(pair)
+        free = _tx_clean(q.c)        # the loop, in C
+        if free < 0:
+            self._broken(q)
+        elif pair.tx_stopped and free >= self._tx_stop_free:
+            pair.tx_stopped = False       # netif_tx_wake_queue
 
     def _maybe_wake_tx(self, pair: _Pair) -> None:
         if pair.tx_stopped and lib.ifc_gvq_num_free(pair.tx.c) >= self._tx_stop_free:
@@ -1130,42 +1132,27 @@ class GuestNet:
                 return 0
         n = 0
         if want > 0:
-            lib.ifc_gvq_disable_cb(c)
-            if not self._reclaim(q):
-                return 0
-            room = lib.ifc_gvq_num_free(c) - self._tx_stop_free + 1
-            want = min(want, room)
-        if want > 0:
-            before = stream.c.bytes
-            if want > 1:
-                got = lib.ifc_gvq_tx_post(c, want - 1, stream.c)
-                if got < 0:
-                    self._broken(q)
-                    return 0
-                n += got
-            while True:                 # the last packet: kick = !xmit_more
-                lib.ifc_gvq_disable_cb(c)
-                if not self._reclaim(q):
-                    return n
-                if lib.ifc_gvq_enable_cb_delayed(c):
-                    break
-            got = lib.ifc_gvq_tx_post(c, 1, stream.c)
-            if got < 0:
+            # The ring part (reap, room check, the posts and the last
+            # packet's re-arm loop) in one C call: csrc/sim/guest_ring.c.
+            x = self._xmit
+            _tx_xmit(c, want, self._tx_stop_free, stream.c, x)
+            n = x.frames
+            if x.broken:
                 self._broken(q)
                 return n
-            n += got
-            wire = (stream.c.bytes - before) + WIRE_OVERHEAD * n
-            if self.tx_arrivals is not None:
-                pair.tx_backlog -= n
-            else:
-                pair.credit -= wire
-            if lib.ifc_gvq_num_free(c) < self._tx_stop_free:
-                pair.tx_stopped = True    # netif_stop_subqueue
-                if not lib.ifc_gvq_enable_cb_delayed(c):
-                    # 6.1.y ("correctly enable callback during start_xmit"):
-                    # already past: schedule TX NAPI
-                    if self._napi_schedule_prep(pair, tx=True):
-                        lib.ifc_gvq_disable_cb(c)
+            if x.sent:
+                wire = x.bytes + WIRE_OVERHEAD * n
+                if self.tx_arrivals is not None:
+                    pair.tx_backlog -= n
+                else:
+                    pair.credit -= wire
+                if x.num_free < self._tx_stop_free:
+                    pair.tx_stopped = True    # netif_stop_subqueue
+                    if not lib.ifc_gvq_enable_cb_delayed(c):
+                        # 6.1.y ("correctly enable callback during start_xmit"):
+                        # already past: schedule TX NAPI
+                        if self._napi_schedule_prep(pair, tx=True):
+                            lib.ifc_gvq_disable_cb(c)
         if self.trace_polls:
             self.world.record(self.name, "tx_batch", queue=q.index, frames=n)
         q.polls += 1

@@ -258,6 +258,26 @@ uint32_t ifc_gvq_in_flight(const ifc_gvq *q);
 int64_t ifc_gvq_rx_poll(ifc_gvq *q, uint32_t budget, ifc_checker *ck, ifc_check_stats *st,
                         uint32_t refill_max, int64_t *refilled);
 
+/* What one call of ifc_gvq_tx_xmit did. */
+struct ifc_gvq_xmit {
+    int64_t frames;              /* frames posted */
+    uint64_t bytes;              /* their buffer bytes (no FCS) */
+    uint32_t num_free;           /* free buffers after the batch (when sent) */
+    uint32_t sent;               /* 1: the batch got past its room check (want > 0 after it) */
+    uint32_t broken;             /* 1: a reap or post failed (the ring error is in q) */
+    uint32_t reserved;
+};
+/* A batch of start_xmit calls (sim/guest.py _tx_work, its ring part, in one
+ * call): disable_cb + reap, want = min(want, num_free - stop_free + 1); if
+ * want > 0: post want - 1 frames, then do { disable_cb; reap } while
+ * (!enable_cb_delayed), post the last one.  Stops at the first failure
+ * (out->broken, out->frames what was posted before it, as the Python did). */
+void ifc_gvq_tx_xmit(ifc_gvq *q, int64_t want, uint32_t stop_free, ifc_stream *s,
+                     struct ifc_gvq_xmit *out);
+/* virtnet_poll_cleantx's loop: do { disable_cb; reap } while
+ * (!enable_cb_delayed).  Returns num_free after it, or the reap's error. */
+int64_t ifc_gvq_tx_clean(ifc_gvq *q);
+
 /* ==========================================================================
  * Device side of the simulated datapath (sim/engines.py, sim/wire.py).
  * Source: csrc/sim/simdp.c.  One call per engine round (a batch of chains),
