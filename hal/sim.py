@@ -221,9 +221,11 @@ class _PollerRun:
         # then runs ``_wake`` would do, event for event (an urgent first step
         # now, a timeout), without a process and its generator per signal;
         # nobody waits for the process's end.
+        self.fn.world.call_first(self._arm)
+
+    def _arm(self, _ev) -> None:
         world = self.fn.world
-        world.call_first(lambda _ev: world.call_at(world.env._now + self.fn.wakeup_cycles,
-                                                    self._wake))
+        world.call_at(world.env._now + self.fn.wakeup_cycles, self._wake)
 
     def _wake(self, _ev=None) -> None:
         self.scheduled = False
