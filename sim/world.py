@@ -210,7 +210,7 @@ class World:
     @property
     def now(self) -> int:
         """Current time in cycles."""
-        return int(self.env.now)
+        return int(self.env._now)       # (simpy's ``now`` property is a frame more)
 
     def cycles(self, ns: float) -> int:
         """Nanoseconds to cycles, rounded up (a delay is never shortened)."""
