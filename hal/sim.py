@@ -217,10 +217,17 @@ class _PollerRun:
         if self.stopped or self.scheduled:
             return
         self.scheduled = True
-        self.fn.world.process(self._wake())
+        # What ``world.process(g)`` of a generator that waits wakeup_cycles and
+        # then runs ``_wake`` would do, event for event (an urgent first step
+        # now, a timeout), without a process and its generator per signal;
+        # nobody waits for the process's end.
+        self.fn.world.call_first(self._arm)
 
-    def _wake(self):
-        yield self.fn.world.timeout(self.fn.wakeup_cycles)
+    def _arm(self, _ev) -> None:
+        world = self.fn.world
+        world.call_at(world.env._now + self.fn.wakeup_cycles, self._wake)
+
+    def _wake(self, _ev=None) -> None:
         self.scheduled = False
         if self.stopped:
             return

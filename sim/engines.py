@@ -431,7 +431,7 @@ class _Engine:
     def _schedule(self, cycle: int) -> None:
         self._scheduled = True
         token = self._token
-        self.world.call_at(cycle, lambda _ev: self._wake(token))
+        self.world.call_with(cycle, self._wake, token)
 
     def _wake(self, token: int) -> None:
         if token != self._token:
@@ -461,7 +461,7 @@ class _Engine:
         self._pending.append((ids, lens, n))
         self._in_flight += n
         epoch = self._epoch
-        self.world.call_at(cycle, lambda _ev: self._complete(epoch))
+        self.world.call_with(cycle, self._complete, epoch)
 
     def _complete(self, epoch: int) -> None:
         if epoch != self._epoch or not self._pending:

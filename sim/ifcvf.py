@@ -152,6 +152,7 @@ class IfcvfFunction:
                 self._writers[reg] = lambda value, reg=reg: self._write_address(reg, value)
 
         self._decoders: dict[int, list[tuple[Region, Callable, Callable]]] = {}
+        self._write_targets: dict = {}   # (bar, offset, width) -> (write, offset in region) | False
         self._route(lay.common, self._common_read, self._common_write)
         self._route(lay.isr, self._isr_read, self._isr_write)
         self._route(lay.device, self._device_read, self._device_write)
@@ -218,14 +219,27 @@ class IfcvfFunction:
         return self.bar_read(bar, offset, width)
 
     def mmio_write(self, bar: int, offset: int, width: int, value: int) -> None:
-        self._check_mmio(bar, offset, width)
-        check_value(value, width, f"{self.name} BAR{bar}")
+        # An address decodes the same way for the model's life (regions are
+        # routed once, in __init__), so the caller-bug checks and the region
+        # walk run on an address's first write only: every kick is one.
+        target = self._write_targets.get((bar, offset, width))
+        if target is None:
+            self._check_mmio(bar, offset, width)
+            decoded = self._decode(bar, offset)
+            target = False if decoded is None else (decoded[2], offset - decoded[0].offset)
+            if len(self._write_targets) < 4096:
+                self._write_targets[(bar, offset, width)] = target
+        if type(value) is not int or not 0 <= value < 1 << (8 * width):
+            check_value(value, width, f"{self.name} BAR{bar}")
         if self.removed:
             return
         if not self.pci.memory_enabled:
             self._record("mmio_decode_off", bar=bar, offset=offset, width=width, op="write")
             return
-        self.bar_write(bar, offset, width, value)
+        if target is False:
+            self.bar_write(bar, offset, width, value)      # unassigned: recorded there
+        else:
+            target[0](target[1], width, value)
 
     # BarAccess for the PCI-cfg window (and tests): a BAR access without the
     # memory-decode gate and without the caller-bug checks; the caller has
@@ -691,12 +705,20 @@ class IfcvfFunction:
             self.doorbell_mismatches += 1
             self._record("doorbell_value_mismatch", qid=qid, value=value)
         queue = self.queues[qid]
-        self._after(self.world.cycles(self.config.doorbell_ns), lambda: self._doorbell(queue))
+        # = self._after(cycles, lambda: self._doorbell(queue)), without two lambdas per kick
+        cycles = self.world.cycles(self.config.doorbell_ns)
+        if cycles <= 0:
+            self._doorbell(queue)
+        else:
+            self.world.call_with(self.world.env._now + cycles, self._doorbell, queue)
 
     def _doorbell(self, queue: QueueState) -> None:
         queue.doorbells += 1
         if queue.running:
-            self._record("doorbell", qid=queue.index)
+            world = self.world
+            # = self._record("doorbell", qid=queue.index)
+            world.trace.add(f"{world.env._now} {self.name} doorbell qid={queue.index}\n",
+                            "doorbell")
             queue.engine.kick()
         else:
             self._record("doorbell_idle_queue", qid=queue.index)
@@ -708,8 +730,8 @@ class IfcvfFunction:
         if cycles <= 0:
             callback()
             return
-        event = self.world.timeout(cycles)
-        event.callbacks.append(lambda _event: callback())
+        # (= world.timeout(cycles).callbacks.append(...), without the Timeout)
+        self.world.call_at(self.world.env._now + cycles, lambda _event: callback())
 
     def _record(self, event: str, **fields) -> None:
         self.world.record(self.name, event, **fields)

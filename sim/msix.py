@@ -104,15 +104,18 @@ class MsixTable:
         if self.delay_cycles == 0:
             self._arrive(vector)
             return
-        event = self.world.timeout(self.delay_cycles)
-        event.callbacks.append(lambda _ev, v=vector: self._arrive(v))
+        # (= world.timeout(delay).callbacks.append(...), without the Timeout)
+        self.world.call_with(self.world.env._now + self.delay_cycles, self._arrive, vector)
 
     def _deliverable(self, vector: int) -> bool:
         return (self.control.enabled and not self.control.function_masked
                 and not self._entries[vector][3] & VECTOR_MASKED)
 
     def _arrive(self, vector: int) -> None:
-        if self._deliverable(vector):
+        control = self.control
+        # (= self._deliverable(vector), inline: once per message)
+        if (control.enabled and not control.function_masked
+                and not self._entries[vector][3] & VECTOR_MASKED):
             self._send(vector)
         else:
             if not self._pending[vector]:
@@ -123,11 +126,14 @@ class MsixTable:
         self._pending[vector] = False
         self.delivered[vector] += 1
         fd = self._fds[vector]
-        self.world.record(self.name, "msix_deliver", vector=vector, routed=fd >= 0)
+        world = self.world
+        # = world.record(name, "msix_deliver", vector=vector, routed=fd >= 0)
+        world.trace.add(f"{world.env._now} {self.name} msix_deliver routed={int(fd >= 0)} "
+                        f"vector={vector}\n", "msix_deliver")
         if fd < 0:
             self.unrouted[vector] += 1
             return
-        self.world.signal_fd(fd)
+        world.signal_fd(fd)
 
     def _unblocked(self) -> None:
         for vector in range(self.vectors):

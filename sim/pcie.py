@@ -53,6 +53,8 @@ PCI_CAP_ID_MSIX = 0x11
 MSIX_CONTROL_ENABLE = 0x8000
 MSIX_CONTROL_FUNCTION_MASK = 0x4000
 MSIX_CAP_LEN = 12
+_ENABLE_HI = MSIX_CONTROL_ENABLE >> 8          # the bits in the control word's high byte
+_MASK_HI = MSIX_CONTROL_FUNCTION_MASK >> 8
 
 
 def check_access(offset: int, width: int, limit: int, what: str) -> None:
@@ -222,13 +224,16 @@ class MsixCapability:
     def control(self) -> int:
         return self.space.raw(self.offset + 2, 2)
 
+    # Both bits live in the control word's high byte: read that byte of config
+    # space directly (no cached copy to keep in step), as every MSI-X message
+    # the datapath sends asks for both.
     @property
     def enabled(self) -> bool:
-        return bool(self.control & MSIX_CONTROL_ENABLE)
+        return bool(self.space._data[self.offset + 3] & _ENABLE_HI)
 
     @property
     def function_masked(self) -> bool:
-        return bool(self.control & MSIX_CONTROL_FUNCTION_MASK)
+        return bool(self.space._data[self.offset + 3] & _MASK_HI)
 
     def listen(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after every write to the control word."""
@@ -342,13 +347,14 @@ class PciConfigSpace(ConfigSpace):
     def command(self) -> int:
         return self.raw(COMMAND, 2)
 
+    # (both bits are in the command register's low byte: every MMIO access asks)
     @property
     def memory_enabled(self) -> bool:
-        return bool(self.command & COMMAND_MEMORY)
+        return bool(self._data[COMMAND] & COMMAND_MEMORY)
 
     @property
     def bus_master(self) -> bool:
-        return bool(self.command & COMMAND_BUS_MASTER)
+        return bool(self._data[COMMAND] & COMMAND_BUS_MASTER)
 
     def bar_address(self, index: int) -> int | None:
         reg = self.bars.get(index)

@@ -45,6 +45,13 @@ MIN_FRAME = 60          # Ethernet minimum without FCS: shorter frames are padde
 DEFAULT_GBPS = 100
 _ZERO = array("q", [0])
 _schedule = lib.ifc_wire_schedule
+# (types, not their names, for the buffers wrapped on every transmit: no
+# name lookup in cffi's type cache per call)
+_from_buffer = ffi.from_buffer
+_U32S = ffi.typeof("uint32_t[]")
+_I64S = ffi.typeof("int64_t[]")
+_CDATA = ffi.CData
+_NULL = ffi.NULL
 
 
 class Port:
@@ -117,17 +124,17 @@ class Port:
         if ready is not None:
             if len(ready) < n:
                 raise ValueError(f"{self.name}: {len(ready)} ready times for {n} frames")
-            ready_p = ready if isinstance(ready, ffi.CData) else ffi.from_buffer("int64_t[]", ready)
+            ready_p = ready if isinstance(ready, _CDATA) else _from_buffer(_I64S, ready)
         else:
-            ready_p = ffi.NULL
+            ready_p = _NULL
         if deliver:
             arrivals = _ZERO * n
-            arrivals_p = ffi.from_buffer("int64_t[]", arrivals)
+            arrivals_p = _from_buffer(_I64S, arrivals)
         else:
             arrivals = None
-            arrivals_p = ffi.NULL
-        last = _schedule(ffi.from_buffer("uint32_t[]", lengths), n, ready_p, earliest,
-                         ffi.from_buffer("int64_t[]", times), arrivals_p, self.propagation,
+            arrivals_p = _NULL
+        last = _schedule(_from_buffer(_U32S, lengths), n, ready_p, earliest,
+                         _from_buffer(_I64S, times), arrivals_p, self.propagation,
                          self._free, self._tpc, self._tpb, WIRE_OVERHEAD, MIN_FRAME)
         data = batch.data
         nbytes = len(data)
@@ -140,7 +147,7 @@ class Port:
         self.last_departure = last
         if deliver:
             delivered = FrameBatch(data, lengths, arrivals)
-            world.call_at(arrivals[n - 1], lambda _ev: peer._arrive(delivered))
+            world.call_with(arrivals[n - 1], peer._arrive, delivered)
         else:
             self.lost += n
         return last

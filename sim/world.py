@@ -81,14 +81,16 @@ class Trace:
         if not lines:
             return
         self._hash.update("".join(lines).encode())
-        self._records.extend([line.rstrip("\n") for line in lines[-self._keep:]])
+        # (kept as recorded, newline and all: only readers pay for stripping)
+        self._records.extend(lines if len(lines) <= self._keep else lines[-self._keep:])
         lines.clear()
 
     @property
     def records(self) -> collections.deque:
         """The last ``keep`` records, oldest first (without the newline)."""
         self._flush()
-        return self._records
+        return collections.deque([line.rstrip("\n") for line in self._records],
+                                 maxlen=self._keep)
 
     def digest(self) -> str:
         self._flush()
@@ -118,8 +120,8 @@ class _Environment(simpy.Environment):
 
     Same semantics as simpy 4.1's ``run``/``step`` (the ``until`` event,
     StopSimulation, failed events crash the run), minus a method call and
-    its lookups per event: the datapath steps millions of events.
-    ``step()`` itself is simpy's, for callers that step one at a time.
+    its lookups per event: the datapath steps millions of events.  Both
+    ``run`` and ``step`` also take the World's call entries (see ``call_at``).
     """
 
     def run(self, until=None):
@@ -141,7 +143,14 @@ class _Environment(simpy.Environment):
             while True:
                 if not queue:
                     raise EmptySchedule
-                self._now, _, _, event = heappop(queue)
+                entry = heappop(queue)
+                self._now = entry[0]
+                if len(entry) == 5:
+                    # (a call_at/call_with entry: one function, never fails,
+                    # never stops the run -- only the ``until`` event does)
+                    entry[3](entry[4])
+                    continue
+                event = entry[3]
                 callbacks, event.callbacks = event.callbacks, None
                 try:
                     for callback in callbacks:
@@ -163,13 +172,21 @@ class _Environment(simpy.Environment):
                                    f"triggered: {until}") from None
         return None
 
+    def step(self):
+        queue = self._queue
+        if queue and len(queue[0]) == 5:
+            entry = heappop(queue)
+            self._now = entry[0]
+            entry[3](entry[4])
+            return
+        super().step()
 
-class _Call:
-    """A scheduled callback, the least simpy's ``Environment.step`` needs of an event
-    (``callbacks``, and ``_ok`` so a processed one is not taken for a failure)."""
 
-    __slots__ = ("callbacks",)
-    _ok = True
+# A scheduled call is a heap entry of its own, ``(cycle, priority, event id, fn,
+# arg)``: ``_Environment.run``/``step`` run ``fn(arg)``, no event object and no
+# callbacks list is built per call.  Entries compare by (cycle, priority, id)
+# alone (ids are unique), so they order among simpy's 4-tuples exactly as a
+# Timeout/Event scheduled at the same point would.
 
 
 class World:
@@ -193,7 +210,7 @@ class World:
     @property
     def now(self) -> int:
         """Current time in cycles."""
-        return int(self.env.now)
+        return int(self.env._now)       # (simpy's ``now`` property is a frame more)
 
     def cycles(self, ns: float) -> int:
         """Nanoseconds to cycles, rounded up (a delay is never shortened)."""
@@ -254,9 +271,7 @@ class World:
     def call_first(self, callback: Callable[[object], None]) -> None:
         """Run ``callback(event)`` now, before the events already due now: where
         ``env.process()`` would run a new process's first step (an urgent event)."""
-        call = _Call()
-        call.callbacks = [callback]
-        heappush(self._queue, (self.env._now, URGENT, next(self._eid), call))
+        heappush(self._queue, (self.env._now, URGENT, next(self._eid), callback, None))
 
     def schedule_now(self, event) -> None:
         """Schedule an event object (``callbacks``, ``_ok``) to be processed now,
@@ -271,12 +286,17 @@ class World:
         the next event id), without building a Timeout: the datapath
         schedules one of these per round, per completion and per batch on
         the wire, so the saving is paid back millions of times.  The event
-        passed is a bare holder: callbacks must not look at it.
+        passed is None: callbacks must not look at it.
         """
-        call = _Call()          # (no __init__: a slot set is cheaper than a call)
-        call.callbacks = [callback]
         now = self.env._now
-        heappush(self._queue, (cycle if cycle > now else now, NORMAL, next(self._eid), call))
+        heappush(self._queue, (cycle if cycle > now else now, NORMAL, next(self._eid), callback,
+                               None))
+
+    def call_with(self, cycle: int, fn: Callable[[object], None], arg) -> None:
+        """``call_at(cycle, lambda _ev: fn(arg))`` (same order), without the lambda:
+        its frame and closure per event, on the paths that schedule millions."""
+        now = self.env._now
+        heappush(self._queue, (cycle if cycle > now else now, NORMAL, next(self._eid), fn, arg))
 
     # --- randomness and trace -------------------------------------------------
     def rng(self, name: str) -> random.Random:

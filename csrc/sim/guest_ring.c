@@ -608,6 +608,70 @@ int64_t ifc_gvq_rx_poll(ifc_gvq *q, uint32_t budget, ifc_checker *ck, ifc_check_
     return n;
 }
 
+void ifc_gvq_tx_xmit(ifc_gvq *q, int64_t want, uint32_t stop_free, ifc_stream *s,
+                     struct ifc_gvq_xmit *out)
+{
+    /* The steps and early returns of GuestNet._tx_work between computing
+     * want and settling the credit, in the same order (each reap is
+     * disable_cb then free_old_xmit_skbs). */
+    memset(out, 0, sizeof *out);
+    if (want <= 0)
+        return;
+    ifc_gvq_disable_cb(q);
+    if (ifc_gvq_tx_reclaim(q) < 0) {
+        out->broken = 1;
+        return;
+    }
+    int64_t room = (int64_t)ifc_gvq_num_free(q) - (int64_t)stop_free + 1;
+    if (want > room)
+        want = room;
+    if (want <= 0)
+        return;
+    out->sent = 1;
+    uint64_t before = s->bytes;
+    int64_t n = 0;
+    if (want > 1) {
+        int64_t got = ifc_gvq_tx_post(q, (uint32_t)(want - 1), s);
+        if (got < 0) {
+            out->broken = 1;
+            return;
+        }
+        n = got;
+    }
+    for (;;) {                  /* the last packet: kick = !xmit_more */
+        ifc_gvq_disable_cb(q);
+        if (ifc_gvq_tx_reclaim(q) < 0) {
+            out->frames = n;
+            out->broken = 1;
+            return;
+        }
+        if (ifc_gvq_enable_cb_delayed(q))
+            break;
+    }
+    int64_t got = ifc_gvq_tx_post(q, 1, s);
+    if (got < 0) {
+        out->frames = n;
+        out->broken = 1;
+        return;
+    }
+    out->frames = n + got;
+    out->bytes = s->bytes - before;
+    out->num_free = ifc_gvq_num_free(q);
+}
+
+int64_t ifc_gvq_tx_clean(ifc_gvq *q)
+{
+    for (;;) {
+        ifc_gvq_disable_cb(q);
+        int64_t r = ifc_gvq_tx_reclaim(q);
+        if (r < 0)
+            return r;
+        if (ifc_gvq_enable_cb_delayed(q))
+            break;
+    }
+    return ifc_gvq_num_free(q);
+}
+
 int64_t ifc_gvq_tx_post_frame(ifc_gvq *q, const uint8_t *frame, uint32_t len)
 {
     if (q == NULL || frame == NULL || len == 0)

@@ -35,6 +35,13 @@ struct ifc_ram {
     uint64_t pages;
     int fd;
     int64_t offset;
+    /* A span of the mapping [known_start, known_end) found to hold data by an
+     * earlier call (zero-filled: none).  Data never turns back into a hole
+     * (nothing punches guest RAM), so it stays true across calls and spares
+     * the lseek(SEEK_HOLE) scan that finds a big extent's end: that scan walks
+     * the whole extent, once per call otherwise. */
+    int64_t known_start;
+    int64_t known_end;
 };
 
 struct ifc_ram_sent {
@@ -49,7 +56,7 @@ struct ifc_ram_sent {
  * 9-byte record and is written at dst only if dst's page is not zero already;
  * any other page is copied.  Returns the pages handled (also in
  * sent->consumed), IFC_ERR_RANGE for a page outside either RAM, IFC_ERR_ARG. */
-int64_t ifc_ram_send(const struct ifc_ram *src, const struct ifc_ram *dst,
+int64_t ifc_ram_send(struct ifc_ram *src, struct ifc_ram *dst,
                      const uint32_t *pages, uint64_t n, uint64_t budget,
                      struct ifc_ram_sent *sent);
 
@@ -250,6 +257,26 @@ uint32_t ifc_gvq_in_flight(const ifc_gvq *q);
  * when it ran, else 0.  Returns what ifc_gvq_rx did. */
 int64_t ifc_gvq_rx_poll(ifc_gvq *q, uint32_t budget, ifc_checker *ck, ifc_check_stats *st,
                         uint32_t refill_max, int64_t *refilled);
+
+/* What one call of ifc_gvq_tx_xmit did. */
+struct ifc_gvq_xmit {
+    int64_t frames;              /* frames posted */
+    uint64_t bytes;              /* their buffer bytes (no FCS) */
+    uint32_t num_free;           /* free buffers after the batch (when sent) */
+    uint32_t sent;               /* 1: the batch got past its room check (want > 0 after it) */
+    uint32_t broken;             /* 1: a reap or post failed (the ring error is in q) */
+    uint32_t reserved;
+};
+/* A batch of start_xmit calls (sim/guest.py _tx_work, its ring part, in one
+ * call): disable_cb + reap, want = min(want, num_free - stop_free + 1); if
+ * want > 0: post want - 1 frames, then do { disable_cb; reap } while
+ * (!enable_cb_delayed), post the last one.  Stops at the first failure
+ * (out->broken, out->frames what was posted before it, as the Python did). */
+void ifc_gvq_tx_xmit(ifc_gvq *q, int64_t want, uint32_t stop_free, ifc_stream *s,
+                     struct ifc_gvq_xmit *out);
+/* virtnet_poll_cleantx's loop: do { disable_cb; reap } while
+ * (!enable_cb_delayed).  Returns num_free after it, or the reap's error. */
+int64_t ifc_gvq_tx_clean(ifc_gvq *q);
 
 /* ==========================================================================
  * Device side of the simulated datapath (sim/engines.py, sim/wire.py).

@@ -173,3 +173,98 @@ def test_rx_merged_frames_are_reassembled_across_the_wrap(base, sizes, budgets):
         assert lib.ifc_gvq_rx(q.c, 64, g.checker.c, q.stats) > 0
     counts = g.rx_counts()
     assert counts.good == delivered and counts.clean and q.c.error == 0
+
+
+# --- TX: the fused start_xmit batch against the steps it replaces ---------------------------
+_TWIN = HostMemory(4 << 20, "prop-guest-twin")
+
+
+def _xmit_steps(c, want, stop_free, stream):
+    """GuestNet._tx_work's ring part as separate calls (what ifc_gvq_tx_xmit fuses):
+    (frames, bytes, num_free, sent, broken)."""
+    lib.ifc_gvq_disable_cb(c)
+    if lib.ifc_gvq_tx_reclaim(c) < 0:
+        return 0, 0, 0, 0, 1
+    want = min(want, lib.ifc_gvq_num_free(c) - stop_free + 1)
+    if want <= 0:
+        return 0, 0, 0, 0, 0
+    before, n = stream.bytes, 0
+    if want > 1:
+        got = lib.ifc_gvq_tx_post(c, want - 1, stream)
+        if got < 0:
+            return 0, 0, 0, 1, 1
+        n = got
+    while True:
+        lib.ifc_gvq_disable_cb(c)
+        if lib.ifc_gvq_tx_reclaim(c) < 0:
+            return n, 0, 0, 1, 1
+        if lib.ifc_gvq_enable_cb_delayed(c):
+            break
+    got = lib.ifc_gvq_tx_post(c, 1, stream)
+    if got < 0:
+        return n, 0, 0, 1, 1
+    return n + got, stream.bytes - before, lib.ifc_gvq_num_free(c), 1, 0
+
+
+@settings(max_examples=80)
+@given(chain=st.sampled_from(["single", "split", "indirect"]), base=st.integers(0, 0xFFFF),
+       event_idx=st.booleans(), stop_free=st.integers(1, 5),
+       ops=st.lists(st.tuples(st.sampled_from(["xmit", "xmit", "complete", "clean", "bad_id"]),
+                              st.integers(1, 12), st.randoms(use_true_random=False)),
+                    max_size=40))
+def test_fused_tx_xmit_and_clean_do_what_their_steps_do(chain, base, event_idx, stop_free, ops):
+    features = MODERN if event_idx else MODERN & ~(1 << vr.F_EVENT_IDX)
+    twins = []
+    for mem in (_MEM, _TWIN):
+        mem.view[:] = bytes(mem.size)
+        g = GuestNet(World(0), mem, features=features, queue_size=16, tx_chain=chain,
+                     ring_base=base, tx_sizes=SizeDist.sequence([64, 200, 1518]))
+        twins.append((g.queues[1], g.layout[1], g.queues[1].stream, mem.view, g.end))
+    (q, lay, stream, view, end), (q2, _, stream2, view2, _) = twins
+    out = ffi.new("struct ifc_gvq_xmit *")
+    last_avail = used_idx = base
+    for op, n, rnd in ops:
+        if op == "xmit":
+            want = rnd.randrange(-2, 14)
+            if want > 0:
+                ref = _xmit_steps(q.c, want, stop_free, stream.c)
+                lib.ifc_gvq_tx_xmit(q2.c, want, stop_free, stream2.c, out)
+                got = (out.frames, out.bytes, out.num_free, out.sent, out.broken)
+                assert got[0] == ref[0] and got[3:] == ref[3:]
+                if not ref[4]:
+                    assert got == ref
+            lib.ifc_gvq_publish(q.c)
+            lib.ifc_gvq_publish(q2.c)
+        elif op == "clean":
+            ref_free = None
+            while True:
+                lib.ifc_gvq_disable_cb(q.c)
+                r = lib.ifc_gvq_tx_reclaim(q.c)
+                if r < 0:
+                    ref_free = r
+                    break
+                if lib.ifc_gvq_enable_cb_delayed(q.c):
+                    ref_free = lib.ifc_gvq_num_free(q.c)
+                    break
+            assert lib.ifc_gvq_tx_clean(q2.c) == ref_free
+        else:
+            # the device: complete some of what it fetched (a bad id: break the ring)
+            avail = struct.unpack_from("<H", view, lay.avail + 2)[0]
+            heads = []
+            while last_avail != avail and len(heads) < n:
+                heads.append(struct.unpack_from("<H", view, lay.avail + 4 + 2 * (last_avail % 16))[0])
+                last_avail = (last_avail + 1) & 0xFFFF
+            rnd.shuffle(heads)
+            if op == "bad_id":
+                heads.append(999)
+            for v in (view, view2):
+                idx = used_idx
+                for head in heads:
+                    struct.pack_into("<II", v, lay.used + 4 + 8 * (idx % 16), head, 0)
+                    idx = (idx + 1) & 0xFFFF
+                struct.pack_into("<H", v, lay.used + 2, idx)
+            used_idx = (used_idx + len(heads)) & 0xFFFF
+        assert bytes(view[:end]) == bytes(view2[:end])
+        for field in ("error", "error_value", "kick_old", "completed", "made_available"):
+            assert getattr(q.c, field) == getattr(q2.c, field), field
+        assert (stream.c.frames, stream.c.bytes) == (stream2.c.frames, stream2.c.bytes)

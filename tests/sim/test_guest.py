@@ -177,6 +177,7 @@ def test_frames_flow_both_ways_with_10_and_12_byte_headers(rigs, features, hdr):
     rig.run_us(2000)
     rx = rig.guest.rx_counts()
     assert rx.frames == rx.good == 500 and rx.clean
+    assert rig.guest.rx_totals() == (rx.frames, rx.bytes) and rx.bytes > 500 * 60
     sink = rig.sink.counts()
     assert sink.good == 500 and sink.clean
     assert rig.guest.tx_frames() == 500

@@ -369,3 +369,20 @@ def test_values_that_do_not_fit_the_width_are_caller_bugs():
         d.w(STATUS, 1, 0x100)
     with pytest.raises(ValueError):
         d.w(Q_SELECT, 2, -1)
+
+
+def test_repeated_writes_to_an_address_are_checked_and_gated_every_time():
+    """mmio_write remembers where an address decodes; the value check, the
+    memory-decode gate and the region's own handling still run on every write."""
+    d = Dev()
+    for _ in range(2):
+        d.w(0, 4, 7, bar=2)                 # a 4-byte write to a doorbell: not a kick
+    assert len(d.trace("notify_unassigned")) == 2
+    with pytest.raises(ValueError):
+        d.w(0, 4, 1 << 32, bar=2)
+    d.fn.config_write(0x04, 2, 0)           # memory decode off
+    d.w(0, 4, 7, bar=2)
+    assert len(d.trace("notify_unassigned")) == 2 and d.trace("mmio_decode_off")
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            d.w(1, 2, 0, bar=2)             # misaligned: a caller bug every time

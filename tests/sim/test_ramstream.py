@@ -128,3 +128,22 @@ def test_fill_is_deterministic_and_bounded(rams):
     assert bytes(src.view[:PAGE]) != bytes(PAGE)
     with pytest.raises(ValueError, match="outside"):
         fill_used(src, 250, 7, seed=1)
+
+
+def test_pages_written_between_calls_are_sent_whole(rams):
+    """What one call learnt about the files' extents (kept across calls, so a big
+    extent is not scanned again on every call) must not hide later writes: a hole
+    that got data since is sent whole, and a hole next to a known extent stays a
+    zero record and a hole."""
+    src, dst = rams
+    fill_used(src, 0, 8, seed=3)
+    stream = RamStream(src, dst)
+    assert send_all(stream, range(16)).zero_pages == 8
+    fill_used(src, 8, 1, seed=4)          # page 8 was a hole during the first call
+    fill_used(src, 3, 1, seed=5)          # page 3 changed: the destination holds the old copy
+    sent = send_all(stream, range(16))
+    assert sent.zero_pages == 7
+    assert bytes(dst.view[3 * PAGE:4 * PAGE]) == bytes(src.view[3 * PAGE:4 * PAGE])
+    assert bytes(dst.view[8 * PAGE:9 * PAGE]) == bytes(src.view[8 * PAGE:9 * PAGE])
+    assert data_pages(src) == set(range(9)) and data_pages(dst) == set(range(9))
+    assert stream.differing_pages() == []

@@ -329,3 +329,11 @@ def test_steer_by_flow_follows_the_first_frames_flow_id():
     active.clear()
     assert steer(one_flow(5)) == 0
     assert steer(batch_of([bytes(10)])) == 0    # too short to carry a flow id
+
+
+def test_sink_totals_are_the_frames_and_bytes_of_its_counts():
+    """``Sink.totals()`` is what runs sample every few us instead of ``counts()``."""
+    world, gen, sink = run_link(10, 300, 100)
+    c = sink.counts()
+    assert sink.totals() == (c.frames, c.bytes) == (100, 100 * 296)
+    assert (c + c).as_dict() == {k: 2 * v for k, v in c.as_dict().items()}
