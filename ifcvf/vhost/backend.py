@@ -725,8 +725,15 @@ class VhostBackend:
 
     # --- teardown ------------------------------------------------------------------------
     def close(self) -> None:
-        """The connection is gone: stop the VF, release everything."""
-        self._close_device()
+        """The connection is gone: stop the VF, release everything.  The fds, the
+        memory table and the log belong to the connection: they are released even
+        when stopping the VF fails (the error still reaches the caller)."""
+        try:
+            self._close_device()
+        finally:
+            self._release_connection()
+
+    def _release_connection(self) -> None:
         for v in self.vrings:
             v.close_fds()
         if self.memory is not None:

@@ -281,3 +281,22 @@ def test_serve_survives_a_6400_byte_log_and_keeps_every_vf_serving(tmp_path):
         served.stop()
         ram.close()
         log.close()
+
+
+def test_a_vf_that_fails_to_stop_still_releases_the_connections_fds(host, ram, monkeypatch):
+    """The ring eventfds, the memory table and the log belong to the connection,
+    not to the VF: when stopping the VF raises, closing the back-end must still
+    release them (otherwise each reconnect leaks the rings' kick and call fds)."""
+    import os
+    vf, fe = running_vf(host, ram, "stuck")
+    backend = vf.backend
+    fds = [fd for v in backend.vrings for fd in (v.kick_fd, v.call_fd) if fd >= 0]
+    assert len(fds) == 4 and backend.memory is not None
+    monkeypatch.setattr(vf.driver, "dev_close", raiser(RuntimeError("stop never acknowledged")))
+    with pytest.raises(RuntimeError, match="never acknowledged"):
+        backend.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert backend.memory is None
+    assert all(v.kick_fd == v.call_fd == -1 for v in backend.vrings)
