@@ -169,8 +169,6 @@ class PreCopy:
         self.world = world
         self.source = source
         self.rings = rings
-        self.src = src_ram
-        self.dst = dst_ram
         self.log_memory = log_memory
         self.log_size = log_size(src_ram.size)
         self.cpu = cpu
