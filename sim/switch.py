@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+from functools import partial
 
 from sim._native import ffi, lib
 from sim.frames import FrameBatch
@@ -85,7 +86,7 @@ class Switch:
         self.aged_out = 0           # lookups that found an entry too old
         self._ends = array("I", [0]) * 64
         self._ends_p = ffi.from_buffer("uint32_t[]", self._ends)   # (kept: one per batch otherwise)
-        self.listeners: list = []   # f(dst, port, sent batch, propagation) for watched MACs
+        self.listeners: list = []   # f(dst, port, frames, first arrival) for watched MACs
 
     # --- set-up -----------------------------------------------------------------------
     def attach(self, endpoint: Port, propagation_ns: float = 0.0, name: str | None = None) -> int:
@@ -94,7 +95,7 @@ class Switch:
         port = Port(self.world, f"{self.name}.{index}", endpoint.rate_gbps or self.rate_gbps)
         connect(port, endpoint, propagation_ns)
         port.propagation += self.latency          # the pipeline, before the cable
-        port.on_receive(lambda batch, i=index: self._ingress(i, batch))
+        port.on_receive(partial(self._ingress, index))
         self.ports.append(port)
         self.names.append(name or endpoint.name)
         for deliveries in self.watched.values():
@@ -196,17 +197,17 @@ class Switch:
         watched = self.watched.get(dst)
         ports = self.ports
         for i in targets:
-            sent = ports[i].forward(run)
+            got = ports[i].forward(run)
             self.forwarded += n
             if watched is not None:
                 d = watched[i]
-                prop = ports[i].propagation
+                arrivals = got.times
                 if d.first is None:
-                    d.first = sent.times[0] + prop
+                    d.first = arrivals[0]
                 d.frames += n
-                d.last = sent.times[n - 1] + prop
+                d.last = arrivals[n - 1]
                 for listener in self.listeners:
-                    listener(dst, i, sent, prop)
+                    listener(dst, i, n, arrivals[0])
 
     def counters(self) -> dict:
         return {"forwarded": self.forwarded, "flooded": self.flooded, "filtered": self.filtered,

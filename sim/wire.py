@@ -158,13 +158,34 @@ class Port:
         Each frame leaves once it is fully in (its time) and the port is free:
         store and forward, so frame i's departure may lie before ``now`` while
         the last one cannot (it arrived now at the latest).  ``batch`` keeps
-        its own times; returns what was sent, ``times`` holding departures (the
-        peer gets a copy with the arrival cycles)."""
-        n = len(batch.lengths)
-        sent = FrameBatch(batch.data, batch.lengths, _ZERO * n)
-        if n:
-            self.transmit(sent, 0, ready=batch.times, _past=True)
-        return sent
+        its own times; returns the frames as the peer gets them, ``times``
+        holding arrival cycles (departure + propagation), whether or not a
+        peer takes them.  (A switch hop per batch: one array and one C call,
+        the departures are written over by the arrivals.)"""
+        lengths = batch.lengths
+        n = len(lengths)
+        arrivals = _ZERO * n
+        out = FrameBatch(batch.data, lengths, arrivals)
+        if not n:
+            return out
+        arrivals_p = _from_buffer(_I64S, arrivals)
+        last = _schedule(_from_buffer(_U32S, lengths), n, _from_buffer(_I64S, batch.times), 0,
+                         arrivals_p, arrivals_p, self.propagation, self._free, self._tpc,
+                         self._tpb, WIRE_OVERHEAD, MIN_FRAME)
+        nbytes = len(batch.data)
+        self.tx_frames += n
+        self.tx_bytes += nbytes
+        self.tx_wire_bytes += nbytes + n * WIRE_OVERHEAD
+        self.tx_batches += 1
+        if self.first_departure is None:
+            self.first_departure = arrivals[0] - self.propagation
+        self.last_departure = last
+        peer = self.peer
+        if peer is not None and peer._handler is not None:
+            self.world.call_with(arrivals[n - 1], peer._arrive, out)
+        else:
+            self.lost += n
+        return out
 
     def _arrive(self, batch: FrameBatch) -> None:
         handler = self._handler

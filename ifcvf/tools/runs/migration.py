@@ -438,13 +438,13 @@ class MigrationRun:
 
         b["to_old"] = 0
 
-        def listener(mac, port, sent, prop):
+        def listener(mac, port, frames, first_arrival):
             if mac != self.guest_mac:
                 return
             if port == old:
-                b["to_old"] += len(sent.lengths)
+                b["to_old"] += frames
             elif port == new and b["first_at_port"] is None:
-                b["first_at_port"] = sent.times[0] + prop
+                b["first_at_port"] = first_arrival
         # the previous leg's count ends here (the guest may come back to its port)
         for prev in self.legs:
             if "_listener" in prev.blackout:
