@@ -82,12 +82,18 @@ HOT static inline void payload_fill(uint8_t *p, uint32_t n, uint64_t w, uint64_t
 #endif
     for (; k < words; k++)
         put64(p + 8 * (size_t)k, w + STEP * k);
-    if (n & 7) {
+    uint32_t r = n & 7;
+    if (r) {
         uint64_t last = w + STEP * words;
         if (slack >= 8)
             put64(p + 8 * (size_t)words, last);     /* the bytes past len get overwritten */
+        else if (words)
+            /* The payload's last 8 bytes in one store, overlapping the last
+             * whole word with the same bytes (a memcpy of n & 7 bytes is a
+             * library call). */
+            put64(p + n - 8, (w + STEP * (words - 1)) >> (8 * r) | last << (64 - 8 * r));
         else
-            memcpy(p + 8 * (size_t)words, &last, n & 7);
+            memcpy(p, &last, r);
     }
 }
 
@@ -147,10 +153,17 @@ HOT int ifc_frame_check(const uint8_t *frame, uint32_t len, uint32_t *flow_out, 
 #endif
     for (; k < words; k++)
         diff |= get64(p + 8 * (size_t)k) ^ (w + STEP * k);
-    if (n & 7) {
+    uint32_t r = n & 7;
+    if (r) {
         uint64_t last = w + STEP * words, got = 0;
-        memcpy(&got, p + 8 * (size_t)words, n & 7);
-        diff |= (got ^ last) & ((1ull << (8 * (n & 7))) - 1);
+        if (words) {
+            /* The payload's last 8 bytes in one load: the partial word is
+             * its top r bytes (a memcpy of r bytes is a library call). */
+            got = get64(p + n - 8) >> (64 - 8 * r);
+        } else {
+            memcpy(&got, p, r);
+        }
+        diff |= got ^ (last & ((1ull << (8 * r)) - 1));
     }
     return diff ? IFC_TF_BAD_PAYLOAD : IFC_TF_OK;
 }
