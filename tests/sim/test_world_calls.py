@@ -88,3 +88,26 @@ def test_call_at_a_past_cycle_runs_now_after_what_is_already_due():
     world.run_until(10)
     assert order == ["first", "timeout", "past"]
     assert world.now == 10
+
+
+def test_a_call_that_raises_ends_the_run_and_leaves_the_rest_scheduled():
+    """A call entry runs outside simpy's event handling: its exception must
+    still surface from run_until, at the cycle it happened, and the entries
+    after it stay in the heap."""
+    world = World()
+    order = []
+
+    def boom(_arg):
+        raise LookupError("from a datapath callback")
+
+    world.call_with(2, order.append, "before")
+    world.call_with(3, boom, None)
+    world.call_with(4, order.append, "after")
+    try:
+        world.run_until(10)
+    except LookupError as exc:
+        assert "datapath callback" in str(exc)
+    else:
+        raise AssertionError("the callback's exception was swallowed")
+    assert order == ["before"] and world.now == 3
+    assert [entry[4] for entry in world.env._queue if len(entry) == 5] == ["after"]
