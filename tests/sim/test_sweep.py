@@ -4,6 +4,7 @@ the sweep, and a point's digest the same wherever it ran."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -121,6 +122,16 @@ def test_cli_sweep_writes_json_csv_and_a_plot(tmp_path):
     header = csv.read_text().splitlines()[0].split(",")
     assert header[:3] == ["traffic.rx_pps", "traffic.pattern", "traffic.duration_us"]
     assert png.stat().st_size > 1000
+    # the table in an 80-column terminal: the varying key and the headline
+    # metrics whole (no "…"), the single-valued keys under the table
+    narrow = subprocess.run([sys.executable, "-m", "ifcvf", "sim", "sweep", str(path), "--workers", "0"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COLUMNS": "80"})
+    assert narrow.returncode == 0, narrow.stdout + narrow.stderr
+    lines = narrow.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in narrow.stdout
+    assert any(line.split()[:1] == ["80000"] for line in lines)
+    assert "traffic.pattern = poisson" in narrow.stdout and "wider terminal" in narrow.stdout
     bad = write(tmp_path, f'base = "{BASE}"\n[grid]\n"traffic.nope" = [1]\n', "bad.toml")
     proc = subprocess.run([sys.executable, "-m", "ifcvf", "sim", "sweep", str(bad)],
                           capture_output=True, text=True, timeout=60)

@@ -128,11 +128,23 @@ def cmd_run(args) -> int:
 # metric -> column title in the printed table (the files have every metric)
 SWEEP_TABLE = {"seed": "seed", "ok": "ok", "downtime_us": "downtime us", "rx_frames": "rx frames",
                "frames_to_old_port": "to old port", "mac_moved_us": "MAC moved us",
-               "first_frame_at_destination_us": "1st frame at dst us", "wall_s": "wall s",
+               "first_frame_at_destination_us": "1st rx at dst us", "wall_s": "wall s",
                "trace_digest": "digest"}
+SWEEP_WIDE_ONLY = ("wall_s", "trace_digest")   # shown from SWEEP_WIDE terminal columns up
+SWEEP_WIDE = 110
+
+
+def _cell(value) -> str:
+    """A sweep table cell: whole floats without their ".0", others to 4 significant digits."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:.4g}"
+    return str(value)
 
 
 def cmd_sweep(args) -> int:
+    from rich import box
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
@@ -184,20 +196,32 @@ def cmd_sweep(args) -> int:
             err.print(f"[bold red]error:[/] cannot reach the scheduler {args.scheduler}: {e}")
             return 2
     cols = sw.columns(entries, params)
-    table = Table(title=f"{sweep.name} ({sweep.base.name}; every metric in --json/--csv)")
-    shown = [c for c in cols if c in params or c in SWEEP_TABLE]
+    # A grid key with one value is the same on every row: it goes in the
+    # caption, so the columns that vary fit an 80-column terminal.
+    fixed = [p for p in params if len(sweep.grid[p]) == 1]
+    table = Table(title=f"{sweep.name} ({sweep.base.name}; every metric in --json/--csv)", box=box.SIMPLE_HEAD,
+                  caption=", ".join(f"{p} = {_cell(sweep.grid[p][0])}" for p in fixed) or None)
+    shown = [c for c in cols if (c in params and c not in fixed) or c in SWEEP_TABLE]
+    if console.width < SWEEP_WIDE:
+        shown = [c for c in shown if c not in SWEEP_WIDE_ONLY]
+        fixed_text = ", ".join(f"{p} = {_cell(sweep.grid[p][0])}" for p in fixed)
+        table.caption = "; ".join(filter(None, [fixed_text, "wall s and digest: --json, --csv "
+                                                              "or a wider terminal"]))
     for c in shown:
-        table.add_column(SWEEP_TABLE.get(c) or c.rpartition(".")[2], justify="right")
+        # (a word per header line: columns as narrow as their longest word)
+        header = SWEEP_TABLE.get(c) or c.rpartition(".")[2].replace("_", " ")
+        table.add_column(header.replace(" ", "\n"), justify="right")
     for e in entries:
         cells = []
         for c, v in zip(cols, sw.row(e, cols, params)):
             if c not in shown:
                 continue
             if c == "trace_digest" and v:
-                v = v[:12]
+                v = v[:8]
             if c == "ok":
-                v = "[green]yes[/]" if v else "[bold red]NO[/]"
-            cells.append("-" if v is None else str(v))
+                cells.append("[green]yes[/]" if v else "[bold red]NO[/]")
+            else:
+                cells.append(_cell(v))
         table.add_row(*cells)
     console.print(table)
     if args.json:
