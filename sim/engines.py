@@ -84,15 +84,12 @@ from typing import Callable
 from sim._native import ffi, lib
 from sim import virtio_regs as vr
 from sim.dma import SegmentTable
-from sim.frames import FrameBatch
+from sim.frames import U8S, U32S, FrameBatch
 from sim.pcie import COMMAND
 from sim.pcie_link import PcieLink
 from sim.queue_state import IdleEngine, QueueState
 from sim.wire import BufferPool, Port
 
-# (types, not names, for the buffers wrapped per batch: no lookup in cffi's type cache)
-_U32S = ffi.typeof("uint32_t[]")
-_U8S = ffi.typeof("uint8_t[]")
 
 ETH_HLEN = 14
 VLAN_HLEN = 4
@@ -730,7 +727,7 @@ class RxEngine(_Engine):
             if blengths[0] > room:
                 count = nbytes = 0            # not even the first (a full FIFO)
             else:
-                lengths = ffi.from_buffer(_U32S, blengths)
+                lengths = ffi.from_buffer(U32S, blengths)
                 count = lib.ifc_frames_fit(lengths, n, room, self._fit_bytes)
                 nbytes = self._fit_bytes[0]
             self.fifo_drops += n - count
@@ -741,9 +738,9 @@ class RxEngine(_Engine):
             if not count:
                 return
         if lengths is None:
-            lengths = ffi.from_buffer(_U32S, blengths)
+            lengths = ffi.from_buffer(U32S, blengths)
         view = batch.data
-        data = ffi.from_buffer(_U8S, view)
+        data = ffi.from_buffer(U8S, view)
         if type(view) is memoryview:
             # A view pins the memory it shows (its own export of it), so the
             # FIFO keeps the view and a plain pointer, not an export of the

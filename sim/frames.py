@@ -19,10 +19,19 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass, field
 
+from sim._native import ffi
+
 FCS_BYTES = 4
 PREAMBLE_BYTES = 8
 IFG_BYTES = 12
 WIRE_OVERHEAD = FCS_BYTES + PREAMBLE_BYTES + IFG_BYTES  # 24 bytes per frame beyond its buffer bytes
+
+
+# cffi array types for wrapping a batch's buffers (``ffi.from_buffer(U32S, lengths)``):
+# a type, not its name, so the datapath's wraps skip cffi's type-name lookup.
+U8S = ffi.typeof("uint8_t[]")
+U32S = ffi.typeof("uint32_t[]")
+I64S = ffi.typeof("int64_t[]")
 
 
 def buffer_length(frame_size: int) -> int:

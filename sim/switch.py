@@ -29,13 +29,10 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from sim._native import ffi, lib
-from sim.frames import FrameBatch
+from sim.frames import U8S, U32S, FrameBatch
 from sim.wire import DEFAULT_GBPS, Port, connect
 from sim.world import World
 
-# (types, not names, for the buffers wrapped per batch: no lookup in cffi's type cache)
-_U32S = ffi.typeof("uint32_t[]")
-_U8S = ffi.typeof("uint8_t[]")
 
 BROADCAST = b"\xff" * 6
 DEFAULT_AGING_S = 300.0        # IEEE 802.1D's default ageing time
@@ -132,8 +129,8 @@ class Switch:
             self._ends = array("I", [0]) * n
             self._ends_p = ffi.from_buffer("uint32_t[]", self._ends)
         data = batch.data
-        got = lib.ifc_frames_mac_runs(ffi.from_buffer(_U8S, data), len(data),
-                                      ffi.from_buffer(_U32S, batch.lengths), n,
+        got = lib.ifc_frames_mac_runs(ffi.from_buffer(U8S, data), len(data),
+                                      ffi.from_buffer(U32S, batch.lengths), n,
                                       self._ends_p, n)
         return self._ends[:got]
 

@@ -30,12 +30,10 @@ from dataclasses import dataclass, fields
 from typing import Iterable
 
 from sim._native import ffi, lib
-from sim.frames import FCS_BYTES, WIRE_OVERHEAD, FrameBatch, buffer_length
+from sim.frames import FCS_BYTES, U32S, WIRE_OVERHEAD, FrameBatch, buffer_length
 from sim.wire import BufferPool
 from sim.world import World
 
-# (types, not names, for the buffers wrapped per batch: no lookup in cffi's type cache)
-_U32S = ffi.typeof("uint32_t[]")
 
 ETHERTYPE = lib.IFC_TF_ETHERTYPE
 MAGIC = lib.IFC_TF_MAGIC
@@ -187,12 +185,12 @@ class Stream:
         lengths = _ZERO_U32 * n
         if pool is not None and total <= pool.size:
             buf, ptr = pool.take()
-            got = lib.ifc_stream_fill(self.c, ptr, total, ffi.from_buffer(_U32S, lengths), n)
+            got = lib.ifc_stream_fill(self.c, ptr, total, ffi.from_buffer(U32S, lengths), n)
             data = memoryview(buf)[:total]
         else:
             data = bytearray(total)
             got = lib.ifc_stream_fill(self.c, ffi.from_buffer(data), total,
-                                      ffi.from_buffer(_U32S, lengths), n)
+                                      ffi.from_buffer(U32S, lengths), n)
         if got != n:
             raise RuntimeError(f"stream fill returned {got} for {n} frames")
         return FrameBatch(data, lengths, _ZERO_I64 * n)
@@ -265,7 +263,7 @@ class Checker:
         if not n:
             return 0
         bad = lib.ifc_frames_check(ffi.from_buffer(batch.data), len(batch.data),
-                                   ffi.from_buffer(_U32S, batch.lengths), n, self.c,
+                                   ffi.from_buffer(U32S, batch.lengths), n, self.c,
                                    self.stats if stats is None else stats)
         if bad < 0:
             raise ValueError("frame batch lengths exceed its data")

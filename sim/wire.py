@@ -38,18 +38,14 @@ from fractions import Fraction
 from typing import Callable
 
 from sim._native import ffi, lib
-from sim.frames import WIRE_OVERHEAD, FrameBatch
+from sim.frames import I64S, U32S, WIRE_OVERHEAD, FrameBatch
 from sim.world import World
 
 MIN_FRAME = 60          # Ethernet minimum without FCS: shorter frames are padded on the wire
 DEFAULT_GBPS = 100
 _ZERO = array("q", [0])
 _schedule = lib.ifc_wire_schedule
-# (types, not their names, for the buffers wrapped on every transmit: no
-# name lookup in cffi's type cache per call)
 _from_buffer = ffi.from_buffer
-_U32S = ffi.typeof("uint32_t[]")
-_I64S = ffi.typeof("int64_t[]")
 _CDATA = ffi.CData
 _NULL = ffi.NULL
 
@@ -109,8 +105,7 @@ class Port:
         """Send ``batch``; fills ``batch.times`` with departures; returns the last one."""
         lengths = batch.lengths
         n = len(lengths)
-        world = self.world
-        now = world.env._now
+        now = self.world.env._now
         earliest = int(earliest_cycle)
         if earliest < now and not _past:
             earliest = now
@@ -124,32 +119,21 @@ class Port:
         if ready is not None:
             if len(ready) < n:
                 raise ValueError(f"{self.name}: {len(ready)} ready times for {n} frames")
-            ready_p = ready if isinstance(ready, _CDATA) else _from_buffer(_I64S, ready)
+            ready_p = ready if isinstance(ready, _CDATA) else _from_buffer(I64S, ready)
         else:
             ready_p = _NULL
         if deliver:
             arrivals = _ZERO * n
-            arrivals_p = _from_buffer(_I64S, arrivals)
+            arrivals_p = _from_buffer(I64S, arrivals)
         else:
             arrivals = None
             arrivals_p = _NULL
-        last = _schedule(_from_buffer(_U32S, lengths), n, ready_p, earliest,
-                         _from_buffer(_I64S, times), arrivals_p, self.propagation,
+        last = _schedule(_from_buffer(U32S, lengths), n, ready_p, earliest,
+                         _from_buffer(I64S, times), arrivals_p, self.propagation,
                          self._free, self._tpc, self._tpb, WIRE_OVERHEAD, MIN_FRAME)
         data = batch.data
-        nbytes = len(data)
-        self.tx_frames += n
-        self.tx_bytes += nbytes
-        self.tx_wire_bytes += nbytes + n * WIRE_OVERHEAD  # frames >= 60 B (padding not counted)
-        self.tx_batches += 1
-        if self.first_departure is None:
-            self.first_departure = times[0]
-        self.last_departure = last
-        if deliver:
-            delivered = FrameBatch(data, lengths, arrivals)
-            world.call_with(arrivals[n - 1], peer._arrive, delivered)
-        else:
-            self.lost += n
+        self._sent(n, len(data), times[0], last,
+                   FrameBatch(data, lengths, arrivals) if deliver else None)
         return last
 
     def forward(self, batch: FrameBatch) -> FrameBatch:
@@ -168,24 +152,30 @@ class Port:
         out = FrameBatch(batch.data, lengths, arrivals)
         if not n:
             return out
-        arrivals_p = _from_buffer(_I64S, arrivals)
-        last = _schedule(_from_buffer(_U32S, lengths), n, _from_buffer(_I64S, batch.times), 0,
+        arrivals_p = _from_buffer(I64S, arrivals)
+        last = _schedule(_from_buffer(U32S, lengths), n, _from_buffer(I64S, batch.times), 0,
                          arrivals_p, arrivals_p, self.propagation, self._free, self._tpc,
                          self._tpb, WIRE_OVERHEAD, MIN_FRAME)
-        nbytes = len(batch.data)
+        self._sent(n, len(batch.data), arrivals[0] - self.propagation, last, out)
+        return out
+
+    def _sent(self, n: int, nbytes: int, first: int, last: int,
+              delivered: FrameBatch | None) -> None:
+        """Count ``n`` frames sent (departures ``first`` .. ``last``) and hand
+        ``delivered`` (arrival times) to the peer at its last arrival; frames
+        nobody receives are lost."""
         self.tx_frames += n
         self.tx_bytes += nbytes
-        self.tx_wire_bytes += nbytes + n * WIRE_OVERHEAD
+        self.tx_wire_bytes += nbytes + n * WIRE_OVERHEAD  # frames >= 60 B (padding not counted)
         self.tx_batches += 1
         if self.first_departure is None:
-            self.first_departure = arrivals[0] - self.propagation
+            self.first_departure = first
         self.last_departure = last
         peer = self.peer
-        if peer is not None and peer._handler is not None:
-            self.world.call_with(arrivals[n - 1], peer._arrive, out)
+        if delivered is not None and peer is not None and peer._handler is not None:
+            self.world.call_with(delivered.times[n - 1], peer._arrive, delivered)
         else:
             self.lost += n
-        return out
 
     def _arrive(self, batch: FrameBatch) -> None:
         handler = self._handler
