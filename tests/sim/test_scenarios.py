@@ -1,6 +1,7 @@
 """Every scenario in scenarios/ runs with its invariants asserted, plus the
 negative control that proves the checker can fail."""
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -90,6 +91,25 @@ def test_main_job_json_and_digest_are_the_same_in_two_processes(tmp_path):
         digests.append(result["trace_digest"])
     assert digests[0] == digests[1]
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_print_whole_in_an_80_column_terminal(tmp_path):
+    """Every number of a run's tables is printed whole at 80 columns (as in a CI log
+    or a small terminal): no cell cut to "…", no line wider than the terminal."""
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "ifcvf", "sim", "run",
+                           str(ROOT / "scenarios/back-and-forth.toml"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    result = json.loads(out.read_text())
+    for it in result["migration"]["per_iteration"]:      # the pre-copy rows
+        assert f"{it['duration_us'] / 1000:.3f}" in text and str(it["pages_copied"]) in text
+    for b in result["network"]["blackout"]:               # a column per leg
+        assert b["leg"] in text and f"{b['mac_moved_us']:,.1f} us" in text
+        assert all(how in text for how in b["self_announce"])
 
 
 @pytest.mark.parametrize("name", PING)

@@ -89,15 +89,18 @@ def show_migration(result: dict, console) -> None:
     console.print(rates)
     mig = result.get("migration")
     if mig:
+        # (a word per header line, the leg only when there are several: nine
+        # columns of numbers fit an 80-column terminal whole)
+        legs = mig["legs"] > 1
         its = Table(title=f"pre-copy ({mig['mode']} dirty logging)")
-        for col in ("leg", "iteration", "pages sent", "of them zero", "stream MiB", "dirty: log",
-                    "dirty: guest CPU", "remaining", "us"):
-            its.add_column(col, justify="right")
+        for col in ("leg",) * legs + ("iteration", "pages sent", "zero pages", "stream MiB",
+                                      "dirty log", "dirty CPU", "remaining", "ms"):
+            its.add_column(col.replace(" ", "\n"), justify="right", overflow="fold")
         for it in mig["per_iteration"]:
-            its.add_row(str(it["leg"]), str(it["iteration"]), str(it["pages_copied"]),
+            its.add_row(*(str(it["leg"]),) * legs, str(it["iteration"]), str(it["pages_copied"]),
                         str(it["zero_pages"]), f"{it['stream_bytes'] / (1 << 20):.1f}",
                         str(it["dirty_log_pages"]), str(it["dirty_cpu_pages"]),
-                        str(it["remaining_pages"]), f"{it['duration_us']:.1f}")
+                        str(it["remaining_pages"]), f"{it['duration_us'] / 1000:.3f}")
         console.print(its)
         summary = Table(show_header=False, title="migration")
         summary.add_row("legs / iterations", f"{mig['legs']} / {mig['iterations']}")
@@ -136,14 +139,21 @@ def show_network(net: dict | None, console) -> None:
     """The switch and the RX blackout after each switch-over."""
     if not net or not net.get("blackout"):
         return
+    # A row per measure and a column per leg: whole in an 80-column terminal.
     table = Table(title=f"RX blackout after switch-over (guest {net['guest_mac']}, GUEST_ANNOUNCE "
                         f"{'acked' if net['guest_announce'] else 'not acked'})")
-    for col in ("leg", "frames to the old port", "MAC moved", "by", "first frame at destination",
-                "first delivery to the guest", "announce rounds (ms)", "QEMU's RARP"):
-        table.add_column(col, justify="right")
-    for b in net["blackout"]:
-        rounds = ", ".join(f"{r / 1000:g}" for r in b["announce_rounds_us"]) or "none"
-        table.add_row(b["leg"], str(b["frames_to_old_port"]), _us(b["mac_moved_us"]),
-                      b["mac_moved_by"] or "-", _us(b["first_frame_at_destination_us"]),
-                      _us(b["first_delivery_to_guest_us"]), rounds, ", ".join(b["self_announce"]))
+    table.add_column("leg")
+    legs = net["blackout"]
+    for b in legs:
+        table.add_column(b["leg"], justify="right", overflow="fold")
+    rows = (("frames to the old port", lambda b: str(b["frames_to_old_port"])),
+            ("MAC moved", lambda b: _us(b["mac_moved_us"])),
+            ("  by", lambda b: b["mac_moved_by"] or "-"),
+            ("first frame at the destination", lambda b: _us(b["first_frame_at_destination_us"])),
+            ("first delivery to the guest", lambda b: _us(b["first_delivery_to_guest_us"])),
+            ("announce rounds (ms)",
+             lambda b: ", ".join(f"{r / 1000:g}" for r in b["announce_rounds_us"]) or "none"),
+            ("QEMU's RARP", lambda b: ", ".join(b["self_announce"])))
+    for label, cell in rows:
+        table.add_row(label, *(cell(b) for b in legs))
     console.print(table)
