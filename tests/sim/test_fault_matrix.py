@@ -72,6 +72,19 @@ def test_cli_writes_the_rows(tmp_path):
     assert main(["sim", "faults", "--fault", "nosuch"]) == 2
 
 
+def test_cli_prints_every_reason_whole_in_an_80_column_terminal(tmp_path, monkeypatch, capsys):
+    """At 80 columns a table per fault, no cell cut to "…", and each phase's reason
+    whole under it (the one-table layout cut reasons and collapsed columns)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    out = tmp_path / "faults.json"
+    assert main(["sim", "faults", "--fault", "small-log", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    flat = " ".join(text.split())
+    for r in json.loads(out.read_text())["rows"]:
+        assert r["reason"] and f"{r['phase']}: {' '.join(r['reason'].split())}" in flat
+
+
 def test_a_removed_function_reads_all_ones_and_stops_its_dma():
     from ifcvf.tools.runs.stack import SimHost
     from sim.config import IfcvfConfig

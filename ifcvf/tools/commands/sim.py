@@ -238,6 +238,36 @@ def cmd_sweep(args) -> int:
     return 1 if failed else 0
 
 
+FAULTS_WIDE = 160     # terminal columns from which the fault matrix is one table
+
+
+def _frames_lost(row) -> str:
+    return str(row.frames_lost) + (" (front-end gone)" if row.frames_lost and row.frames_lost_allowed else "")
+
+
+def _print_faults_narrow(rows, console) -> None:
+    """The fault matrix for a narrow terminal: a table per fault, each phase's reason
+    whole under it (the one-table layout needs FAULTS_WIDE columns)."""
+    from rich import box
+    from rich.padding import Padding
+    from rich.table import Table
+
+    for fault in dict.fromkeys(r.fault for r in rows):
+        mine = [r for r in rows if r.fault == fault]
+        table = Table(title=f"fault matrix: {fault}", title_justify="left", box=box.SIMPLE_HEAD)
+        for col in ("phase", "mode", "outcome", "pages lost", "frames lost", "leaks"):
+            table.add_column(col.replace(" ", "\n"), overflow="fold")
+        for r in mine:
+            outcome = r.outcome if r.outcome == r.expected else f"{r.outcome} (expected {r.expected})"
+            table.add_row(r.phase, r.mode, outcome, str(r.pages_lost), _frames_lost(r),
+                          "; ".join(r.leaks) or "none", style="" if r.ok else "red")
+        console.print(table)
+        for r in mine:
+            console.print(Padding(f"{r.phase}: {r.reason or '(nothing logged)'}", (0, 0, 0, 2)),
+                          markup=False, highlight=False)
+        console.print()
+
+
 def cmd_faults(args) -> int:
     import tempfile
 
@@ -256,16 +286,18 @@ def cmd_faults(args) -> int:
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
         rows = faults.matrix(faults=args.fault, tmp=Path(tmp))
-    table = Table(title="fault matrix")
-    for col in ("fault", "phase", "mode", "outcome", "expected", "pages lost", "frames lost", "leaks"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("reason (first thing logged)", overflow="ellipsis", no_wrap=True, max_width=70)
-    for r in rows:
-        style = "" if r.ok else "red"
-        frames = str(r.frames_lost) + (" (front-end gone)" if r.frames_lost and r.frames_lost_allowed else "")
-        table.add_row(r.fault, r.phase, r.mode, r.outcome, r.expected, str(r.pages_lost), frames,
-                      "; ".join(r.leaks) or "none", r.reason, style=style)
-    console.print(table)
+    if console.width >= FAULTS_WIDE:
+        table = Table(title="fault matrix")
+        for col in ("fault", "phase", "mode", "outcome", "expected", "pages lost", "frames lost", "leaks"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("reason (first thing logged)", overflow="ellipsis", no_wrap=True, max_width=70)
+        for r in rows:
+            table.add_row(r.fault, r.phase, r.mode, r.outcome, r.expected, str(r.pages_lost),
+                          _frames_lost(r), "; ".join(r.leaks) or "none", r.reason,
+                          style="" if r.ok else "red")
+        console.print(table)
+    else:
+        _print_faults_narrow(rows, console)
     if args.json:
         args.json.write_text(json.dumps({"rows": [r.as_json() for r in rows]}, indent=2) + "\n")
         console.print(f"results written to {args.json}")
