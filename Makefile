@@ -6,9 +6,12 @@
 # PGO and LTO, libpython linked into the executable) runs the simulator 6-10 %
 # faster than a default pyenv build (a shared libpython, no PGO): 4 % fewer
 # instructions for the same run and trace digest.  So it is preferred where it
-# can make a venv; otherwise python3.  PYTHON=... overrides.
+# can make a venv and has its headers (csrc/ compiles against them); otherwise
+# python3.  PYTHON=... overrides.
 DISTRO_PYTHON := /usr/bin/python3.11
-PYTHON ?= $(shell $(DISTRO_PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 && echo $(DISTRO_PYTHON) || echo python3)
+DISTRO_PYTHON_OK := import ensurepip, os, sysconfig, venv; \
+    raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
+PYTHON ?= $(shell $(DISTRO_PYTHON) -c '$(DISTRO_PYTHON_OK)' >/dev/null 2>&1 && echo $(DISTRO_PYTHON) || echo python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
