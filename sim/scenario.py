@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import textwrap
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,13 +290,19 @@ def device_config(device: dict):
     return IfcvfConfig(**settings)
 
 
-def describe_schema() -> str:
-    """Human-readable list of sections and keys (for --help and the README)."""
+def describe_schema(width: int | None = None) -> str:
+    """Human-readable list of sections and keys (for --help and the README); with
+    ``width``, each key's text is wrapped to it under its description column."""
     lines = []
     for name, keys in SCHEMA.items():
         lines.append(f"[{name}]" if name else "top level")
         for k in keys:
             allowed = k.allowed_text or (", ".join(map(str, k.choices)) if k.choices else k.type.__name__)
-            lines.append(f"  {k.name + ' = ' + repr(k.default):<28} {k.help} ({allowed})")
+            line = f"  {k.name + ' = ' + repr(k.default):<28} {k.help} ({allowed})"
+            if width is None:
+                lines.append(line)
+            else:
+                lines.extend(textwrap.wrap(line, width, subsequent_indent=" " * 31,
+                                           break_long_words=False, break_on_hyphens=False))
     lines.append("[device]\n  any field of sim.config.IfcvfConfig (queue_pairs, max_queue_size, ...)")
     return "\n".join(lines)

@@ -28,6 +28,31 @@ def test_sim_run_help_lists_scenario_keys(capsys):
     assert "queue_pairs" in out and "seed" in out and "kind" in out
 
 
+def _parsers(parser, path=()):
+    """(command words, parser) for the CLI and every sub-command under it."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, path + (name,))
+
+
+def test_every_help_fits_an_80_column_terminal(monkeypatch):
+    """--help of every command, hand-written examples and the scenario keys
+    included, wraps within 80 columns (a longer line folds in the terminal)."""
+    from ifcvf.tools.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "80")
+    seen = []
+    for words, parser in _parsers(build_parser()):
+        wide = [line for line in parser.format_help().splitlines() if len(line) > 80]
+        assert not wide, (words, wide)
+        seen.append(words)
+    assert ("sim", "run") in seen and ("serve",) in seen and len(seen) > 12
+
+
 def test_bringup_json(tmp_path):
     out = tmp_path / "bringup.json"
     assert main(["sim", "run", str(ROOT / "scenarios/bringup.toml"), "--json", str(out)]) == 0

@@ -24,12 +24,12 @@ the guest's used ring, with dirty logging on.
 
 Set-up per (ring size, chain length): guest memory in a memfd, a split ring
 whose descriptors form chains of 1, 2 or 4 device-writable 2 KiB buffers (a
-receive buffer pool, as a DPDK/virtio-net guest posts them; --scatter puts
-each buffer on its own random page instead), a mediated ring with every slot
-filled, a dirty log covering guest memory, and used-ring logging (VHOST_VRING_F_LOG)
-on.  The "device" publishes a full ring of entries at a time (one 16-bit index
+receive buffer pool, as a DPDK/virtio-net guest posts them; --scatter puts each
+buffer on its own random page instead), a mediated ring with every slot filled,
+a dirty log covering guest memory, and used-ring logging (VHOST_VRING_F_LOG)
+on. The "device" publishes a full ring of entries at a time (one 16-bit index
 store per lap); the relay is called with max_entries = --batch (default 64),
-once per simulated wake-up, until the lap is relayed.  Each entry is fully
+once per simulated wake-up, until the lap is relayed. Each entry is fully
 validated (id, chain walk, every buffer against the memory table and the log)
 and every writable buffer's pages are set in the log with atomic OR.
 

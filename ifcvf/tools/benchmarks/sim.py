@@ -74,10 +74,11 @@ alone (guest -> VF -> sink), each over --dir-us of simulated time after a
                   costs nothing: the rate and limit of the device and PCIe
 An explanation of what binds and why, in numbers, follows the table.
 
-The guest-side table (the guest and traffic share of the budget) gives frames per wall-clock
-second of each component on its own: filling frames (generator), checking
-them (sink), the guest's RX and TX ring work in C, and the whole guest model
-(simpy events, eventfds, C) against a device that costs nothing.
+The guest-side table (the guest and traffic share of the budget) gives frames
+per wall-clock second of each component on its own: filling frames
+(generator), checking them (sink), the guest's RX and TX ring work in C, and
+the whole guest model (simpy events, eventfds, C) against a device that costs
+nothing.
 
 Under the full table, "copy limit" is the most frames per wall-clock second
 this machine's memcpy bandwidth (measured in the same run) allows for the

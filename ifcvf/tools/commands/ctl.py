@@ -8,14 +8,16 @@ import sys
 DESCRIPTION = """\
 Control a running `ifcvf serve` through its control socket (--control PATH):
 
-  list                              each VF: socket, device, devargs, state, features, queues
-  stats [SOCKET [QUEUE]]            counters of every VF, of one, or of one of its queues
+  list                    each VF: socket, device, devargs, state, features,
+                          queues
+  stats [SOCKET [QUEUE]]  counters of every VF, of one, or of one of its queues
   add SOCKET DEVICE [--devargs ARGS] [--wire udp:LOCAL:REMOTE]
-                                    serve one more VF, without disturbing the others
-  remove SOCKET                     stop serving one VF (its front-end is disconnected)
+                          serve one more VF, without disturbing the others
+  remove SOCKET           stop serving one VF (its front-end is disconnected)
 
---json prints the daemon's answer as JSON (list: a JSON list, one object per VF).
-Exit status: 0 done, 1 refused (the reason on stderr; nothing changed), 2 no daemon.
+--json prints the daemon's answer as JSON (list: a JSON list, one object per
+VF).  Exit status: 0 done, 1 refused (the reason on stderr; nothing changed),
+2 no daemon.
 """
 
 

@@ -15,7 +15,8 @@ apart by exception type and the line that raised it.
 
 Prints cases, cases per second, crashes (failing cases), hangs and unique
 failures per target; --json writes
-{"targets": [{"name", "cases", "seconds", "crashes", "hangs", "unique_failures", ...}]}
+{"targets": [{"name", "cases", "seconds", "crashes", "hangs",
+"unique_failures", ...}]}
 with each unique failure's input (hex: feed it to the target's
 PROPERTY.hypothesis.fuzz_one_input to replay it).  Exit status 1 when
 anything failed.

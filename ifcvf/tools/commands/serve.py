@@ -20,26 +20,28 @@ the guest's call eventfds, kicks are relayed to the VF's doorbells.
 Give --socket and --device once per VF, in pairs, in the same order:
 
   ifcvf serve --socket /run/vf0.sock --device 0000:3b:00.2 --devargs vdpa=1
-  ifcvf serve --socket /tmp/a.sock --device sim --socket /tmp/b.sock --device sim
+  ifcvf serve --socket /tmp/a.sock --device sim \\
+              --socket /tmp/b.sock --device sim
 
-A DEVICE is a PCI address bound to vfio-pci (see `ifcvf devices` and `ifcvf bind`)
-or `sim` for a simulated IFCVF that follows the wall clock.
+A DEVICE is a PCI address bound to vfio-pci (see `ifcvf devices` and `ifcvf
+bind`) or `sim` for a simulated IFCVF that follows the wall clock.
 
 A simulated VF's 100G port is connected to nothing unless a --wire follows its
 --device:
   --wire udp:LOCAL_PORT:REMOTE_PORT
                          frames the VF transmits go to 127.0.0.1:REMOTE_PORT as
                          UDP datagrams (one raw Ethernet frame each, no FCS);
-                         datagrams arriving on 127.0.0.1:LOCAL_PORT are received
-                         by the VF.  This is what QEMU's
-                         `-netdev socket,udp=127.0.0.1:LOCAL_PORT,localaddr=127.0.0.1:REMOTE_PORT`
-                         speaks, so a VM's NIC (or any UDP tool) can sit across
-                         the wire.  Loopback only.  With more than one queue
-                         pair in use, a received frame goes to the RX queue of
-                         the pair its flow (MACs, IP addresses, L4 ports) last
-                         transmitted on, as a virtio-net device without RSS
-                         steers (virtio 1.1 5.1.6.5.5); other flows are spread
-                         over the pairs in use by a hash.
+                         datagrams arriving on 127.0.0.1:LOCAL_PORT are
+                         received by the VF. This is what QEMU's -netdev socket
+                         with udp=127.0.0.1:LOCAL_PORT and
+                         localaddr=127.0.0.1:REMOTE_PORT speaks, so a VM's NIC
+                         (or any UDP tool) can sit across the wire. Loopback
+                         only. With more than one queue pair in use, a received
+                         frame goes to the RX queue of the pair its flow (MACs,
+                         IP addresses, L4 ports) last transmitted on, as a
+                         virtio-net device without RSS steers (virtio 1.1
+                         5.1.6.5.5); other flows are spread over the pairs in
+                         use by a hash.
 
   ifcvf serve --socket /tmp/vf.sock --device sim --wire udp:5001:5002
 
@@ -66,7 +68,7 @@ Operating it:
                          (names ifcvf_*; the `metrics` extra)
   --log-format json      one JSON object per log line (journald, log pipelines)
 
-  ifcvf serve --socket /run/vf0.sock --device sim --control /run/ifcvf.ctl \
+  ifcvf serve --socket /run/vf0.sock --device sim --control /run/ifcvf.ctl \\
               --metrics 127.0.0.1:9469
   ifcvf ctl --control /run/ifcvf.ctl add /run/vf1.sock sim
   ifcvf ctl --control /run/ifcvf.ctl list --json

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 RUN_HELP = """\
@@ -49,7 +50,9 @@ def register(subparsers) -> None:
                                 description="Deterministic scenarios on the cycle-level IFCVF model.")
     sub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND")
     run = sub.add_parser("run", help="run one scenario file (scenarios/*.toml)",
-                         description=RUN_HELP + describe_schema(),
+                         # (wrapped as argparse wraps the rest: the terminal's width - 2)
+                         description=RUN_HELP + describe_schema(
+                             max(60, shutil.get_terminal_size().columns - 2)),
                          formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     run.add_argument("scenario", type=Path, help="the scenario TOML file")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
