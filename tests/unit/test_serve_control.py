@@ -333,3 +333,36 @@ def test_request_client_reports_a_closed_socket(tmp_path):
 
     with pytest.raises(ControlUnavailable, match="no ifcvf serve on control socket"):
         request(str(tmp_path / "absent"), {"cmd": "list"}, timeout=5)
+
+
+def _vf_stats(counter: int) -> dict:
+    """What `ctl stats --json` gets for a VF with two queues, every counter ``counter``."""
+    queue = {"driver": dict.fromkeys(("kicks", "interrupts", "relayed", "polls", "pages_logged"), counter),
+             "device": {"frames": counter, "bytes": counter, "dropped": counter, "bad_descriptors": 0,
+                        "drops": {"fifo_full": counter}},
+             "running": True, "broken": None}
+    return {"socket": "/run/ifcvf/vf0.sock", "name": "vf0", "kind": "IFCVF net (N3000)",
+            "state": "hw-logging", "features": "0x1300000000",
+            "migration": {"mode": "hw-logging", "phase": "logging", "migrations": 1, "switch_overs": 0,
+                          "pauses": 0, "last_precopy_s": None, "last_downtime_s": None},
+            "queues": [{**queue, "index": i, "direction": "rx" if i % 2 == 0 else "tx"} for i in (0, 1)]}
+
+
+def test_ctl_text_fits_80_columns_and_keeps_large_counters_whole():
+    """Columns as wide as their values: a VF's everyday counts fit an 80-column
+    terminal, and a counter of any size is printed whole (the table widens)."""
+    from ifcvf.tools.commands.ctl import render
+
+    small = render("stats", [_vf_stats(12345)])
+    assert max(map(len, small.splitlines())) <= 80
+    assert "migration: hw-logging, phase logging, 1 started" in small
+    assert small.count("drops: fifo_full 12345") == 2
+    big = render("stats", [_vf_stats(10**15 + 7)])
+    assert big.count(str(10**15 + 7)) == 2 * 9       # nine counters per queue row, whole
+    listing = render("list", [{"socket": "/run/ifcvf/vf0.sock", "device": "0000:3b:00.2",
+                               "state": "direct", "connected": True, "features": "0x1300000000",
+                               "queues": [0, 1, 2, 3], "devargs": "vdpa=1,sw-live-migration=1"}])
+    header, row = listing.splitlines()
+    assert row.split() == ["/run/ifcvf/vf0.sock", "0000:3b:00.2", "direct", "yes", "0x1300000000",
+                           "0,1,2,3", "vdpa=1,sw-live-migration=1"]
+    assert header.index("DEVICE") == len("/run/ifcvf/vf0.sock") + 1    # sized by its values

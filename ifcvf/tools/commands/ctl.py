@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 
 DESCRIPTION = """\
 Control a running `ifcvf serve` through its control socket (--control PATH):
@@ -90,12 +91,11 @@ def render(cmd: str, result) -> str:
     if cmd == "list":
         if not result:
             return "no VF served"
-        lines = [f"{'SOCKET':30} {'DEVICE':14} {'STATE':10} {'CONN':4} {'FEATURES':18} QUEUES  DEVARGS"]
-        for vf in result:
-            lines.append(f"{vf['socket']:30} {vf['device']:14} {vf['state']:10} "
-                         f"{'yes' if vf['connected'] else 'no':4} {vf['features']:18} "
-                         f"{','.join(map(str, vf['queues'])) or '-':7} {vf['devargs']}")
-        return "\n".join(lines)
+        rows = [[vf["socket"], vf["device"], vf["state"], "yes" if vf["connected"] else "no",
+                 vf["features"], ",".join(map(str, vf["queues"])) or "-", vf["devargs"]]
+                for vf in result]
+        return "\n".join(_columns(["SOCKET", "DEVICE", "STATE", "CONN", "FEATURES", "QUEUES",
+                                   "DEVARGS"], rows))
     if cmd == "stats":
         vfs = result if isinstance(result, list) else [result]
         return "\n\n".join(_render_vf(vf) for vf in vfs) or "no VF served"
@@ -106,26 +106,45 @@ def render(cmd: str, result) -> str:
     return json.dumps(result)
 
 
+def _columns(header: list[str], rows: list[list], right: int = 0, indent: str = "") -> list[str]:
+    """Lines of a text table, each column as wide as its widest cell (values are
+    exact, however large, and small ones fit an 80-column terminal); the columns
+    from index ``right`` on are right-aligned (0: none)."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if right and i >= right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append((indent + " ".join(parts)).rstrip())
+    return lines
+
+
 def _render_vf(vf: dict) -> str:
     m = vf["migration"]
-    lines = [f"{vf.get('socket', vf['name'])}: {vf['kind']}, {vf['state']}, features {vf['features']}",
-             f"  migration: {m['mode']}, phase {m['phase']}, {m['migrations']} started, "
-             f"{m['switch_overs']} switch-overs, {m['pauses']} pauses, last pre-copy "
-             f"{_s(m['last_precopy_s'])}, last downtime {_s(m['last_downtime_s'])}"]
-    header = (f"  {'Q':>2} {'DIR':3} {'RUN':3} {'KICKS':>9} {'INTR':>9} {'RELAYED':>9} {'POLLS':>9} "
-              f"{'PAGES':>9} {'FRAMES':>11} {'BYTES':>14} {'DROPS':>8} {'BADDESC':>7}")
-    lines.append(header)
+    lines = [f"{vf.get('socket', vf['name'])}: {vf['kind']}, {vf['state']}, features {vf['features']}"]
+    lines += textwrap.wrap(f"migration: {m['mode']}, phase {m['phase']}, {m['migrations']} started, "
+                           f"{m['switch_overs']} switch-overs, {m['pauses']} pauses, last pre-copy "
+                           f"{_s(m['last_precopy_s'])}, last downtime {_s(m['last_downtime_s'])}",
+                           78, initial_indent="  ", subsequent_indent="    ")
+    rows, notes = [], {}
     for q in vf["queues"]:
         d, dev = q["driver"], q["device"] or {}
-        lines.append(f"  {q['index']:>2} {q['direction']:3} {'yes' if q['running'] else 'no':3} "
-                     f"{d['kicks']:>9} {d['interrupts']:>9} {d['relayed']:>9} {d['polls']:>9} "
-                     f"{d['pages_logged']:>9} {dev.get('frames', '-'):>11} {dev.get('bytes', '-'):>14} "
-                     f"{dev.get('dropped', '-'):>8} {dev.get('bad_descriptors', '-'):>7}"
-                     + (f"  broken: {q['broken']}" if q["broken"] else ""))
-        # Why the device dropped what it dropped: the reasons that happened, under the queue.
+        rows.append([q["index"], q["direction"], "yes" if q["running"] else "no", d["kicks"],
+                     d["interrupts"], d["relayed"], d["polls"], d["pages_logged"],
+                     dev.get("frames", "-"), dev.get("bytes", "-"), dev.get("dropped", "-"),
+                     dev.get("bad_descriptors", "-")])
+        # Why the device dropped what it dropped (the reasons that happened), and a
+        # broken queue's reason, under the queue.
         why = [f"{reason} {count}" for reason, count in sorted(dev.get("drops", {}).items()) if count]
-        if why:
-            lines.append(f"     drops: {', '.join(why)}")
+        notes[len(rows) - 1] = ([f"     drops: {', '.join(why)}"] if why else []) + \
+            ([f"     broken: {q['broken']}"] if q["broken"] else [])
+    table = _columns(["Q", "DIR", "RUN", "KICKS", "INTR", "RELAYED", "POLLS", "PAGES", "FRAMES",
+                      "BYTES", "DROPS", "BADDESC"], rows, right=3, indent="  ")
+    lines.append(table[0])
+    for i, line in enumerate(table[1:]):
+        lines.append(line)
+        lines += notes[i]
     return "\n".join(lines)
 
 
