@@ -32,18 +32,18 @@ A simulated VF's 100G port is connected to nothing unless a --wire follows its
                          frames the VF transmits go to 127.0.0.1:REMOTE_PORT as
                          UDP datagrams (one raw Ethernet frame each, no FCS);
                          datagrams arriving on 127.0.0.1:LOCAL_PORT are
-                         received by the VF. This is what QEMU's -netdev socket
-                         with udp=127.0.0.1:LOCAL_PORT and
-                         localaddr=127.0.0.1:REMOTE_PORT speaks, so a VM's NIC
-                         (or any UDP tool) can sit across the wire. Loopback
-                         only. With more than one queue pair in use, a received
-                         frame goes to the RX queue of the pair its flow (MACs,
-                         IP addresses, L4 ports) last transmitted on, as a
-                         virtio-net device without RSS steers (virtio 1.1
-                         5.1.6.5.5); other flows are spread over the pairs in
-                         use by a hash.
+                         received by the VF. QEMU's socket netdev speaks this
+                         (below), so a VM's NIC (or any UDP tool) can sit
+                         across the wire. Loopback only. With more than one
+                         queue pair in use, a received frame goes to the RX
+                         queue of the pair its flow (MACs, IP addresses, L4
+                         ports) last transmitted on, as a virtio-net device
+                         without RSS steers (virtio 1.1 5.1.6.5.5); other flows
+                         are spread over the pairs in use by a hash.
 
   ifcvf serve --socket /tmp/vf.sock --device sim --wire udp:5001:5002
+  qemu-system-x86_64 ... \\
+    -netdev socket,id=n1,udp=127.0.0.1:5001,localaddr=127.0.0.1:5002
 
 Device arguments (--devargs, once for all VFs or once per VF):
   vdpa=1                 claim the function as a vDPA device (required)
