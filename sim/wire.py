@@ -101,13 +101,13 @@ class Port:
         return self.rate_gbps * 1e9 / 8 / (max(frame_size - 4, MIN_FRAME) + WIRE_OVERHEAD)
 
     # --- sending --------------------------------------------------------------
-    def transmit(self, batch: FrameBatch, earliest_cycle: int, ready=None, _past: bool = False) -> int:
+    def transmit(self, batch: FrameBatch, earliest_cycle: int, ready=None) -> int:
         """Send ``batch``; fills ``batch.times`` with departures; returns the last one."""
         lengths = batch.lengths
         n = len(lengths)
         now = self.world.env._now
         earliest = int(earliest_cycle)
-        if earliest < now and not _past:
+        if earliest < now:
             earliest = now
         if n == 0:
             return max(earliest, self.free_cycle)

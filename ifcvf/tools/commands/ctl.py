@@ -127,7 +127,7 @@ def _render_vf(vf: dict) -> str:
                            f"{m['switch_overs']} switch-overs, {m['pauses']} pauses, last pre-copy "
                            f"{_s(m['last_precopy_s'])}, last downtime {_s(m['last_downtime_s'])}",
                            78, initial_indent="  ", subsequent_indent="    ")
-    rows, notes = [], {}
+    rows, notes = [], []
     for q in vf["queues"]:
         d, dev = q["driver"], q["device"] or {}
         rows.append([q["index"], q["direction"], "yes" if q["running"] else "no", d["kicks"],
@@ -137,14 +137,14 @@ def _render_vf(vf: dict) -> str:
         # Why the device dropped what it dropped (the reasons that happened), and a
         # broken queue's reason, under the queue.
         why = [f"{reason} {count}" for reason, count in sorted(dev.get("drops", {}).items()) if count]
-        notes[len(rows) - 1] = ([f"     drops: {', '.join(why)}"] if why else []) + \
-            ([f"     broken: {q['broken']}"] if q["broken"] else [])
+        notes.append(([f"     drops: {', '.join(why)}"] if why else [])
+                     + ([f"     broken: {q['broken']}"] if q["broken"] else []))
     table = _columns(["Q", "DIR", "RUN", "KICKS", "INTR", "RELAYED", "POLLS", "PAGES", "FRAMES",
                       "BYTES", "DROPS", "BADDESC"], rows, right=3, indent="  ")
     lines.append(table[0])
-    for i, line in enumerate(table[1:]):
+    for line, under in zip(table[1:], notes):
         lines.append(line)
-        lines += notes[i]
+        lines += under
     return "\n".join(lines)
 
 

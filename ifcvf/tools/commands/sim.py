@@ -202,14 +202,13 @@ def cmd_sweep(args) -> int:
     # A grid key with one value is the same on every row: it goes in the
     # caption, so the columns that vary fit an 80-column terminal.
     fixed = [p for p in params if len(sweep.grid[p]) == 1]
-    table = Table(title=f"{sweep.name} ({sweep.base.name}; every metric in --json/--csv)", box=box.SIMPLE_HEAD,
-                  caption=", ".join(f"{p} = {_cell(sweep.grid[p][0])}" for p in fixed) or None)
+    caption = [", ".join(f"{p} = {_cell(sweep.grid[p][0])}" for p in fixed)]
     shown = [c for c in cols if (c in params and c not in fixed) or c in SWEEP_TABLE]
     if console.width < SWEEP_WIDE:
         shown = [c for c in shown if c not in SWEEP_WIDE_ONLY]
-        fixed_text = ", ".join(f"{p} = {_cell(sweep.grid[p][0])}" for p in fixed)
-        table.caption = "; ".join(filter(None, [fixed_text, "wall s and digest: --json, --csv "
-                                                              "or a wider terminal"]))
+        caption.append("wall s and digest: --json, --csv or a wider terminal")
+    table = Table(title=f"{sweep.name} ({sweep.base.name}; every metric in --json/--csv)", box=box.SIMPLE_HEAD,
+                  caption="; ".join(filter(None, caption)) or None)
     for c in shown:
         # (a word per header line: columns as narrow as their longest word)
         header = SWEEP_TABLE.get(c) or c.rpartition(".")[2].replace("_", " ")
@@ -244,8 +243,10 @@ def cmd_sweep(args) -> int:
 FAULTS_WIDE = 160     # terminal columns from which the fault matrix is one table
 
 
-def _frames_lost(row) -> str:
-    return str(row.frames_lost) + (" (front-end gone)" if row.frames_lost and row.frames_lost_allowed else "")
+def _losses(row) -> tuple[str, str, str]:
+    """A fault row's pages lost, frames lost and leaks, as both layouts print them."""
+    frames = str(row.frames_lost) + (" (front-end gone)" if row.frames_lost and row.frames_lost_allowed else "")
+    return str(row.pages_lost), frames, "; ".join(row.leaks) or "none"
 
 
 def _print_faults_narrow(rows, console) -> None:
@@ -262,8 +263,7 @@ def _print_faults_narrow(rows, console) -> None:
             table.add_column(col.replace(" ", "\n"), overflow="fold")
         for r in mine:
             outcome = r.outcome if r.outcome == r.expected else f"{r.outcome} (expected {r.expected})"
-            table.add_row(r.phase, r.mode, outcome, str(r.pages_lost), _frames_lost(r),
-                          "; ".join(r.leaks) or "none", style="" if r.ok else "red")
+            table.add_row(r.phase, r.mode, outcome, *_losses(r), style="" if r.ok else "red")
         console.print(table)
         for r in mine:
             console.print(Padding(f"{r.phase}: {r.reason or '(nothing logged)'}", (0, 0, 0, 2)),
@@ -295,8 +295,7 @@ def cmd_faults(args) -> int:
             table.add_column(col, no_wrap=True)
         table.add_column("reason (first thing logged)", overflow="ellipsis", no_wrap=True, max_width=70)
         for r in rows:
-            table.add_row(r.fault, r.phase, r.mode, r.outcome, r.expected, str(r.pages_lost),
-                          _frames_lost(r), "; ".join(r.leaks) or "none", r.reason,
+            table.add_row(r.fault, r.phase, r.mode, r.outcome, r.expected, *_losses(r), r.reason,
                           style="" if r.ok else "red")
         console.print(table)
     else:
