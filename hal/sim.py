@@ -109,8 +109,15 @@ class SimFunction(PciFunction):
         try:
             self.model.dma.map(iova, memory.view[offset:offset + size], size)
         except IommuError as err:
-            raise HalError(f"dma_map {iova:#x}+{size:#x}: {err}") from None
-        self._mappings[iova] = size
+            refused = str(err)
+        else:
+            self._mappings[iova] = size
+            return
+        # Raised out here: raised in the handler, the error would carry the
+        # IommuError as its context (``from None`` only hides it), and with it the
+        # model's frame holding a view of ``memory``: whoever keeps the error (a
+        # log handler) would keep the guest memory mapped and its fd open.
+        raise HalError(f"dma_map {iova:#x}+{size:#x}: {refused}")
 
     def dma_unmap(self, iova: int, size: int) -> None:
         try:

@@ -228,6 +228,25 @@ def test_memory_hotplug_while_running_stops_remaps_and_reconfigures(host, ram):
         extra.close()
 
 
+def test_a_memory_table_beyond_the_iova_space_leaves_no_memory_behind(ram, caplog):
+    """Found by `ifcvf fuzz backend`: a table beyond the IOMMU's 48-bit IOVA
+    space is taken, the VF stops and cannot be configured again, and an error
+    says why.  That error, kept by a log handler (as caplog and the fuzzer keep
+    records), held the refused mapping's buffer through its chain of causes:
+    after the front-end left, the guest memory stayed mapped and its fd open."""
+    before = set(os.listdir("/proc/self/fd"))
+    host = SimHost(seed=3)
+    try:
+        vf, fe, rings = start(host, ram)
+        fe.set_memory([Region(1 << 62, ram.size, ram.fd, ram.address)])
+        assert not vf.backend.configured
+        assert "ends beyond the 48-bit IOVA space" in caplog.text
+        fe.close()
+        host.pump()
+    finally:
+        host.close()
+    assert set(os.listdir("/proc/self/fd")) == before
+
 def test_host_notifiers_offered_after_setup_and_config_changes_forwarded(host, ram, monkeypatch):
     """Where the HAL has a notify area (VFIO), each enabled vring's doorbell page is
     offered to QEMU over the back-end channel once the set-up is acknowledged; the
