@@ -64,6 +64,18 @@ class HostMemory:
         self.address = int(_ffi.cast("uintptr_t", _ffi.from_buffer(self.mmap)))
         self.closed = False
 
+    @classmethod
+    def duplicate(cls, fd: int, size: int, name: str, **kwargs) -> "HostMemory":
+        """Map ``size`` bytes of a duplicate of ``fd`` (the object owns the
+        duplicate, the caller keeps ``fd``).  When mapping fails the duplicate
+        is closed: a peer's fd that cannot be mapped costs no fd here."""
+        dup = os.dup(fd)
+        try:
+            return cls(size, name, fd=dup, **kwargs)
+        except BaseException:
+            os.close(dup)
+            raise
+
     def close(self) -> None:
         if self.closed:
             return

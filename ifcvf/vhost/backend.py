@@ -105,8 +105,8 @@ class LogMapping:
         start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page aligned
         # QEMU's log file is exactly ``size`` bytes, usually not whole pages:
         # map exactly the file's bytes, in the pages that hold them.
-        memory = HostMemory(offset + size - start, "vhost-log", fd=os.dup(fd), offset=start,
-                            whole_pages=True)
+        memory = HostMemory.duplicate(fd, offset + size - start, "vhost-log", offset=start,
+                                      whole_pages=True)
         try:
             return cls(memory, offset - start, size)
         except BaseException:

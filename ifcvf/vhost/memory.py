@@ -80,7 +80,7 @@ class GuestMemory:
         regions: list[Region] = []
         try:
             for (gpa, size, uva, offset), fd in zip(table, fds):
-                mapping = HostMemory(offset + size, "guest", fd=os.dup(fd))
+                mapping = HostMemory.duplicate(fd, offset + size, "guest")
                 regions.append(Region(gpa, size, uva, offset, mapping))
         except (OSError, ValueError) as err:
             for r in regions:

@@ -150,6 +150,36 @@ def test_bad_memory_tables_are_refused_and_change_nothing(host, ram):
     assert vf.backend.memory is not None
 
 
+def test_memory_that_cannot_be_mapped_is_refused_without_leaking_its_fd(host, ram):
+    """A sparse memfd can claim any size: a region or a log that passes every
+    check against the file and then fails mmap (more than the address space)
+    is refused, and the duplicate fd made to map it is closed, not leaked one
+    per message until the daemon runs out of fds."""
+    vf, fe = connected(host, ram)
+    huge = os.memfd_create("huge", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(huge, 1 << 62)
+        before = set(os.listdir("/proc/self/fd"))
+        table = p.MemoryTable((p.MemoryRegion(0, 1 << 62, ram.address, 0),))
+        raw(fe, R.SET_MEM_TABLE, p.VERSION | p.FLAG_NEED_REPLY, table.pack(), [huge])
+        assert ack_of(fe, R.SET_MEM_TABLE).failed
+        assert vf.backend.memory is None
+        # A table that ends at 2**62 takes a log of 2**47 bytes, more than a
+        # process can map.
+        far = p.MemoryRegion(1 << 62, 4096, ram.address, 0)
+        raw(fe, R.SET_MEM_TABLE, p.VERSION | p.FLAG_NEED_REPLY, p.MemoryTable((far,)).pack(), [ram.fd])
+        assert not ack_of(fe, R.SET_MEM_TABLE).failed
+        log = p.Log(p.log_size((1 << 62) + 4096), 0)
+        raw(fe, R.SET_LOG_BASE, p.VERSION | p.FLAG_NEED_REPLY, log.pack(), [huge])
+        ack_of(fe, R.SET_LOG_BASE)   # (acknowledged even when refused: QEMU 7.2 would abort)
+        assert vf.backend.log_mapping is None
+        fe.close()
+        host.pump()
+        assert set(os.listdir("/proc/self/fd")) <= before
+    finally:
+        os.close(huge)
+
+
 def test_ring_outside_memory_and_bad_indexes_are_refused(host, ram):
     vf, fe = connected(host, ram)
     fe.set_memory([region(ram)])

@@ -4,10 +4,11 @@ A case builds a host (one simulated VF with a driver and a back-end behind
 the server), optionally brings the VF up the way QEMU 7.2 or DPDK does, then
 sends a drawn sequence of messages over the real socket: well-formed requests
 with drawn values (features with and without LOG_ALL, memory tables over a real
-memfd with drawn gpa/size/uva/offset, ring sizes, ring addresses inside and
-outside the table, bases, kick/call/err eventfds or none, logs of drawn sizes,
-statuses, a back-end channel), the same requests out of order, raw headers
-with random payloads, and wrong fd counts.  Replies are read and dropped.
+memfd, or a sparse one too large to map, with drawn gpa/size/uva/offset, ring
+sizes, ring addresses inside and outside the table, bases, kick/call/err
+eventfds or none, logs of drawn sizes in either memfd, statuses, a back-end
+channel), the same requests out of order, raw headers with random payloads,
+and wrong fd counts.  Replies are read and dropped.
 
 Properties: the server never raises and logs no unexpected error (a
 contained bug is still a bug); a bystander VF on the same server still
@@ -39,14 +40,28 @@ U64_MAX = (1 << 64) - 1
 
 _ram: HostMemory | None = None
 _log: HostMemory | None = None
+_sparse: int | None = None
+SPARSE_SIZE = 1 << 62      # passes every size check against the file, maps nowhere
+
+
+def sparse_fd() -> int:
+    """A memfd as large as a file can claim, made once per process: a table or
+    log may ask it for any size a file holds, and a large one fails to map."""
+    global _sparse
+    if _sparse is None:
+        _sparse = os.memfd_create("fuzz-sparse", os.MFD_CLOEXEC)
+        os.ftruncate(_sparse, SPARSE_SIZE)
+    return _sparse
 
 
 def shared_memory() -> tuple[HostMemory, HostMemory]:
-    """Guest RAM and a log memfd, made once per process (the case's fds are dups)."""
+    """Guest RAM and a log memfd, made once per process (the case's fds are dups),
+    and the sparse memfd, so that none of them counts as a case's leak."""
     global _ram, _log
     if _ram is None:
         _ram = HostMemory(RAM_SIZE, "fuzz-guest")
         _log = HostMemory(64 * 1024, "fuzz-log")
+        sparse_fd()
     return _ram, _log
 
 
@@ -65,6 +80,7 @@ gpa = st.sampled_from([0, 0x1000, 0x10_0000, RAM_SIZE - 0x1000, RAM_SIZE, 1 << 4
 size = st.sampled_from([0, 1, 0x1000, RAM_SIZE // 2, RAM_SIZE, RAM_SIZE + 0x1000, 1 << 40, U64_MAX]) | u64
 offset = st.sampled_from([0, 0x1000, RAM_SIZE, U64_MAX]) | u64
 UVA = 0x7F00_0000_0000
+memory_fd = st.sampled_from(["ram", "ram", "ram", "sparse"])   # guest RAM, or a file too big to map
 
 
 @st.composite
@@ -101,15 +117,15 @@ def well_formed(draw):
         if regions and draw(st.booleans()):
             regions[0] = p.MemoryRegion(0, RAM_SIZE, UVA, 0)
         payload = p.MemoryTable(tuple(regions))
-        fds = ["ram"] * draw(st.sampled_from([len(regions), len(regions), max(0, len(regions) - 1),
-                                              len(regions) + 1]))
+        fds = [draw(memory_fd)] * draw(st.sampled_from([len(regions), len(regions),
+                                                        max(0, len(regions) - 1), len(regions) + 1]))
     elif r in (R.ADD_MEM_REG, R.REM_MEM_REG):
         payload = p.SingleRegion(draw(mem_region()))
-        fds = ["ram"] * draw(st.sampled_from([1, 1, 0, 2]))
+        fds = [draw(memory_fd)] * draw(st.sampled_from([1, 1, 0, 2]))
     elif r is R.SET_LOG_BASE:
         payload = p.Log(draw(st.sampled_from([0, 8, 64, RAM_SIZE // 4096 // 8, 64 * 1024, 64 * 1024 + 8,
                                               1 << 40]) | u64), draw(offset))
-        fds = ["log"] * draw(st.sampled_from([1, 1, 0, 2]))
+        fds = [draw(st.sampled_from(["log", "log", "sparse"]))] * draw(st.sampled_from([1, 1, 0, 2]))
     elif r is R.SET_LOG_FD:
         fds = ["event"]
     elif r in (R.SET_VRING_NUM, R.SET_VRING_BASE):
@@ -141,7 +157,7 @@ def raw(draw):
     code = draw(st.sampled_from(sorted(R)) | st.integers(0, 0xFFFF_FFFF))
     flags = draw(st.sampled_from([p.VERSION, p.VERSION | p.FLAG_NEED_REPLY]) | st.integers(0, 0xFFFF_FFFF))
     body = draw(st.binary(max_size=120))
-    fds = draw(st.lists(st.sampled_from(["event", "ram", "log"]), max_size=9))
+    fds = draw(st.lists(st.sampled_from(["event", "ram", "log", "sparse"]), max_size=9))
     return ("raw", code, flags, body, fds)
 
 
@@ -160,6 +176,8 @@ class Case:
                 out.append(os.dup(self.ram.fd))
             elif k == "log":
                 out.append(os.dup(self.log.fd))
+            elif k == "sparse":
+                out.append(os.dup(sparse_fd()))
             elif k == "event":
                 out.append(os.eventfd(0, os.EFD_CLOEXEC))
             else:
