@@ -77,7 +77,8 @@ u64 = st.integers(0, U64_MAX)
 index = st.sampled_from([0, 1, 2, 3, 4, 255, 256]) | st.integers(0, 0xFFFF_FFFF)
 ring_num = st.sampled_from([0, 1, 2, 3, 64, 255, 256, 1024, 32768, 65535, 65536]) | st.integers(0, 0xFFFF_FFFF)
 gpa = st.sampled_from([0, 0x1000, 0x10_0000, RAM_SIZE - 0x1000, RAM_SIZE, 1 << 40, U64_MAX - 0xFFF]) | u64
-size = st.sampled_from([0, 1, 0x1000, RAM_SIZE // 2, RAM_SIZE, RAM_SIZE + 0x1000, 1 << 40, U64_MAX]) | u64
+size = st.sampled_from([0, 1, 0x1000, RAM_SIZE // 2, RAM_SIZE, RAM_SIZE + 0x1000, 1 << 40,
+                        1 << 50, U64_MAX]) | u64     # (1 << 50: fits the sparse memfd, maps nowhere)
 offset = st.sampled_from([0, 0x1000, RAM_SIZE, U64_MAX]) | u64
 UVA = 0x7F00_0000_0000
 memory_fd = st.sampled_from(["ram", "ram", "ram", "sparse"])   # guest RAM, or a file too big to map
