@@ -41,7 +41,7 @@ U64_MAX = (1 << 64) - 1
 _ram: HostMemory | None = None
 _log: HostMemory | None = None
 _sparse: int | None = None
-SPARSE_SIZE = 1 << 62      # passes every size check against the file, maps nowhere
+SPARSE_SIZE = 1 << 62      # holds whatever size a table or log asks; a large one maps nowhere
 
 
 def sparse_fd() -> int:
