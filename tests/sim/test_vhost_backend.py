@@ -14,6 +14,7 @@ from hal.memory import HostMemory
 from ifcvf import ids
 from ifcvf.tools.runs.bringup import GUEST_FEATURES
 from ifcvf.vring import split_ring_layout
+from ifcvf.tools.fuzz.common import open_fds
 from ifcvf.tools.runs.stack import SimHost
 from ifcvf.vhost import protocol as p
 from ifcvf.vhost.channel import recv_message, send_message
@@ -159,7 +160,7 @@ def test_memory_that_cannot_be_mapped_is_refused_without_leaking_its_fd(host, ra
     huge = os.memfd_create("huge", os.MFD_CLOEXEC)
     try:
         os.ftruncate(huge, 1 << 62)
-        before = set(os.listdir("/proc/self/fd"))
+        before = open_fds()
         table = p.MemoryTable((p.MemoryRegion(0, 1 << 62, ram.address, 0),))
         raw(fe, R.SET_MEM_TABLE, p.VERSION | p.FLAG_NEED_REPLY, table.pack(), [huge])
         assert ack_of(fe, R.SET_MEM_TABLE).failed
@@ -175,7 +176,7 @@ def test_memory_that_cannot_be_mapped_is_refused_without_leaking_its_fd(host, ra
         assert vf.backend.log_mapping is None
         fe.close()
         host.pump()
-        assert set(os.listdir("/proc/self/fd")) <= before
+        assert open_fds() <= before
     finally:
         os.close(huge)
 
@@ -264,7 +265,7 @@ def test_a_memory_table_beyond_the_iova_space_leaves_no_memory_behind(ram, caplo
     says why.  That error, kept by a log handler (as caplog and the fuzzer keep
     records), held the refused mapping's buffer through its chain of causes:
     after the front-end left, the guest memory stayed mapped and its fd open."""
-    before = set(os.listdir("/proc/self/fd"))
+    before = open_fds()
     host = SimHost(seed=3)
     try:
         vf, fe, rings = start(host, ram)
@@ -275,7 +276,7 @@ def test_a_memory_table_beyond_the_iova_space_leaves_no_memory_behind(ram, caplo
         host.pump()
     finally:
         host.close()
-    assert set(os.listdir("/proc/self/fd")) == before
+    assert open_fds() == before
 
 def test_host_notifiers_offered_after_setup_and_config_changes_forwarded(host, ram, monkeypatch):
     """Where the HAL has a notify area (VFIO), each enabled vring's doorbell page is
